@@ -1,0 +1,58 @@
+# Stable Diffusion from the inside: one Makefile for the book, the tests and the benchmarks.
+# Every target sets itself up from nothing: it creates .venv when missing and installs into it.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+WIDGETS_STAMP := book/node_modules/.installed
+
+.PHONY: help venv book test unit nbval browser lab execute bench clean
+
+help:
+	@echo "make book     build the HTML book into book/_build/html (offline, from stored outputs)"
+	@echo "make test     unit tests, nbval on every notebook, the book build and the browser check"
+	@echo "make lab      open the notebooks in JupyterLab"
+	@echo "make execute  re-execute every notebook in place (the only way stored outputs change)"
+	@echo "make bench    print the side-by-side CPU benchmark table"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(STAMP)
+
+$(WIDGETS_STAMP): book/package.json book/package-lock.json
+	cd book && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+book: $(STAMP) $(WIDGETS_STAMP)
+	rm -rf book/_build
+	$(BIN)/jupyter-book build book -W -n --keep-going
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+nbval: $(STAMP)
+	$(BIN)/python -m pytest notebooks
+
+browser: book
+	CI=$${CI:-} $(BIN)/python -m pytest tests/test_book_browser.py
+
+test: book
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+execute: $(STAMP)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 notebooks/*.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python -m sdhelpers.bench
+
+clean:
+	rm -rf book/_build .pytest_cache tests/artifacts

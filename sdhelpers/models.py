@@ -1,0 +1,312 @@
+"""The model registry, the offline CLIP tokenizer, ``load_pipeline`` and SD 1.5's architecture.
+
+The source text loads everything from ``runwayml/stable-diffusion-v1-5``, a repository deleted in
+2024. The book names every real model once, here, with its current mirror, so a chapter never
+hard-codes a hub id. ``load_pipeline()`` with no model gives the book's own small model, TinySD,
+shipped inside this package; with a registry name, a hub id or a local folder it loads that
+model the same way, so the chapters run unchanged on real SD 1.5 with a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from sdhelpers.device import get_device, get_dtype
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TOKENIZER_DIR = PACKAGE_DIR / "tokenizer"
+TINYSD_DIR = PACKAGE_DIR / "tinysd"
+TASKS = ("txt2img", "img2img", "inpaint")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model can't be loaded here (hub unreachable, folder missing): the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One real model: its hub id, what it is, and where it went if the original was removed."""
+
+    name: str
+    repo_id: str
+    kind: str  # "pipeline", "vae" or "text_encoder"
+    description: str
+    download_gb: float
+    replaces: str | None = None
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    entry.name: entry
+    for entry in (
+        ModelEntry(
+            "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "pipeline",
+            "Stable Diffusion 1.5 (the source text's model), 512x512", 5.2,
+            replaces="runwayml/stable-diffusion-v1-5",
+        ),
+        ModelEntry(
+            "sd15-inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting", "pipeline",
+            "SD 1.5 fine-tuned for inpainting: a 9-channel UNet (latents + mask + masked image)", 5.2,
+            replaces="runwayml/stable-diffusion-inpainting",
+        ),
+        ModelEntry(
+            "sd-vae-ft-mse", "stabilityai/sd-vae-ft-mse", "vae",
+            "SD's autoencoder with its decoder fine-tuned on an MSE loss (sharper reconstructions)", 0.33,
+        ),
+        ModelEntry(
+            "clip-vit-large-patch14", "openai/clip-vit-large-patch14", "text_encoder",
+            "The CLIP model whose text tower is SD 1.x's text encoder", 1.7,
+        ),
+    )
+}
+# Ids the source text uses that no longer exist on the hub, mapped to their mirrors.
+REMOVED_IDS = {e.replaces: e.repo_id for e in REGISTRY.values() if e.replaces}
+
+
+def load_tokenizer():
+    """The real CLIP tokenizer of SD 1.x, from the files shipped in this package (no download).
+
+    ``model_max_length`` is 77, CLIP's context: prompts are padded with 49407 or truncated to it.
+    """
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection within ``timeout`` seconds.
+
+    Checked before any download so that an offline machine gets one clear error at once, not a
+    long retry loop and a stack of hub internals.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(model: str | os.PathLike | None) -> tuple[str, ModelEntry | None]:
+    """Turn what a reader passes as ``model`` into a local folder or hub id, plus its registry entry."""
+    if model is None:
+        return str(TINYSD_DIR), None
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model: expected None, a registry name, a hub id or a folder, got {type(model).__name__}")
+    text = os.fspath(model)
+    if text in REGISTRY:
+        return REGISTRY[text].repo_id, REGISTRY[text]
+    if text in REMOVED_IDS:
+        mirror = REMOVED_IDS[text]
+        warnings.warn(f"model: {text!r} was deleted from the hub in 2024; using its mirror {mirror!r}", stacklevel=3)
+        text = mirror
+    if Path(text).expanduser().is_dir():
+        return str(Path(text).expanduser()), None
+    entry = next((e for e in REGISTRY.values() if e.repo_id == text), None)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        names = ", ".join(REGISTRY)
+        raise ValueError(f"model: {text!r} is not a registry name ({names}), a hub id 'owner/name' or an existing folder")
+    return text, entry
+
+
+def _offline_message(repo_id: str, entry: ModelEntry | None) -> str:
+    mirror = f" (mirror of the deleted {entry.replaces})" if entry and entry.replaces else ""
+    return (
+        f"model: {repo_id!r}{mirror} can't be downloaded because the Hugging Face Hub is not reachable "
+        f"from this machine (offline). On a connected machine run `hf download {repo_id} --local-dir DIR`, "
+        f"then pass that folder: load_pipeline('DIR'). With no argument, load_pipeline() uses the shipped TinySD."
+    )
+
+
+def _pipeline_class(task: str):
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    classes = {
+        "txt2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }
+    if task not in classes:
+        raise ValueError(f"task: {task!r} is not allowed; use one of {', '.join(TASKS)}")
+    return classes[task]
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    task: str = "txt2img",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+):
+    """Load a Stable Diffusion pipeline for ``task`` on the best device, in the matching dtype.
+
+    - ``model=None``: TinySD, the book's small model shipped in this package (runs on any CPU).
+    - a registry name (``"sd15"``, ``"sd15-inpainting"``), a hub id, or a local folder.
+
+    ``device`` and ``dtype`` default to :func:`sdhelpers.device.get_device` / ``get_dtype``.
+    Extra keyword arguments go to diffusers' ``from_pretrained``.
+    """
+    cls = _pipeline_class(task)
+    source, entry = resolve_model(model)
+    if entry is not None and entry.kind != "pipeline":
+        raise ValueError(f"model: {model!r} is a {entry.kind}, not a pipeline; load it with its own class")
+    device = get_device(device)
+    dtype = dtype or get_dtype(device)
+    if model is None and not (TINYSD_DIR / "model_index.json").is_file():
+        raise ModelUnavailableError(
+            "model: the embedded TinySD is not in this installation (sdhelpers/tinysd/ is missing); "
+            "rebuild it with `python -m sdhelpers.train all --out sdhelpers/tinysd` or pass a model folder"
+        )
+    is_local = Path(source).is_dir()
+    if not is_local:
+        _check_hub_id(source, entry)
+    with quiet_libraries():
+        pipe = cls.from_pretrained(source, dtype=dtype, local_files_only=is_local, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _check_hub_id(repo_id: str, entry: ModelEntry | None) -> None:
+    """Fail fast with one clear line when a hub id is neither cached nor downloadable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    if isinstance(cached, str):
+        return
+    if not hub_reachable():
+        raise ModelUnavailableError(_offline_message(repo_id, entry))
+
+
+class quiet_libraries:
+    """Silence the import-time and load-time chatter of transformers and diffusers.
+
+    Their warnings (a missing optional torchvision, progress bars) are noise in a chapter and, worse,
+    they make the notebooks' stored outputs depend on the installed extras.
+    """
+
+    _loggers = ("transformers", "diffusers", "huggingface_hub")
+
+    def __enter__(self):
+        self._levels = {name: logging.getLogger(name).level for name in self._loggers}
+        for name in self._loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+# --- SD 1.5's architecture, from its published configs (no weights needed) -----------------------
+
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
+# The dedicated inpainting UNet: 4 noisy-latent + 1 mask + 4 masked-image-latent input channels.
+SD15_INPAINT_UNET_CONFIG = {**SD15_UNET_CONFIG, "in_channels": 9}
+
+SD15_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+SD15_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+    # SD 1.5's text_encoder/config.json really says 0/2/1 here (a quirk of the original export):
+    # with eos_token_id == 2, CLIPTextModel pools at the highest token id, i.e. the first 49407.
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "trained_betas": None,
+}
+
+
+@dataclass
+class Architecture:
+    """The three networks of a Stable Diffusion model, built without weights on the meta device."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: count_parameters(getattr(self, name)) for name in ("unet", "text_encoder", "vae")}
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters; works on the meta device, where no memory is allocated."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def sd15_architecture(inpainting: bool = False) -> Architecture:
+    """SD 1.5's UNet, VAE and text encoder from their configs, on the meta device: no weights, no download.
+
+    Sizes, block lists and shapes of the real model can be inspected (and benchmarks can
+    materialise random weights) on a machine that can't fetch 5 GB.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_config = SD15_INPAINT_UNET_CONFIG if inpainting else SD15_UNET_CONFIG
+    with init_empty_weights(), quiet_libraries():
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG))
+    return Architecture(unet=unet, vae=vae, text_encoder=text_encoder)

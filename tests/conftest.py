@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline saved as a standard diffusers folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def build_tiny_random_pipeline():
+    """The smallest pipeline with SD's exact classes and the real CLIP tokenizer (random weights)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdhelpers.models import SD15_SCHEDULER_CONFIG, load_tokenizer, quiet_libraries
+
+    torch.manual_seed(0)
+    with quiet_libraries():
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4, layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu",
+        ))
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+            scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_random_pipeline().save_pretrained(folder)
+    return folder
