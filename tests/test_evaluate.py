@@ -1,0 +1,119 @@
+"""The prompt-adherence judge: accuracy on real, noisy and blurred images, score() and errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from sdhelpers.data import BACKGROUNDS, Scene, ShapesDataset, render, sample_scene
+from sdhelpers.evaluate import Verdict, judge, score
+
+
+def _scenes(n_per_split: int, seed: int) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, split) for split in ("train", "held_out") for _ in range(n_per_split)]
+
+
+def _noisy(image: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, sigma, (*image.size[::-1], 3))
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+
+
+def _accuracy(scenes: list[Scene], images: list) -> float:
+    return float(np.mean([judge(image).matches(scene) for scene, image in zip(scenes, images)]))
+
+
+def test_judge_is_right_on_at_least_99_percent_of_dataset_images():
+    scenes = _scenes(250, seed=11)  # 500 scenes, both splits
+    assert _accuracy(scenes, [render(s) for s in scenes]) >= 0.99
+
+
+@pytest.mark.parametrize(
+    "degrade",
+    [
+        pytest.param(lambda im, rng: _noisy(im, 10.0, rng), id="noise-10/255"),
+        pytest.param(lambda im, rng: im.filter(ImageFilter.GaussianBlur(1.0)), id="blur-1px"),
+        pytest.param(lambda im, rng: _noisy(im.filter(ImageFilter.GaussianBlur(1.0)), 10.0, rng), id="blur+noise"),
+    ],
+)
+def test_judge_survives_noise_and_blur(degrade):
+    # Generated images come out of a VAE decoder: slightly soft, slightly noisy.
+    rng = np.random.default_rng(5)
+    scenes = _scenes(150, seed=12)  # 300 scenes per kind of damage
+    assert _accuracy(scenes, [degrade(render(s), rng) for s in scenes]) >= 0.99
+
+
+def test_judge_reads_each_input_kind_the_same():
+    dataset = ShapesDataset(size=6, seed=2)
+    for i in range(len(dataset)):
+        scene, tensor = dataset.scene(i), dataset[i]["image"]
+        pil = render(scene)
+        verdicts = [judge(pil), judge(np.asarray(pil)), judge(tensor)]
+        assert all(v.matches(scene) for v in verdicts), (scene, verdicts)
+        assert verdicts[0].caption == scene.caption
+
+
+def test_judge_measurements_make_sense():
+    for shape, fill in (("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5)):
+        verdict = judge(render(Scene("yellow", shape, "gray", size=40.0)))
+        assert verdict.shape == shape and verdict.fill_ratio == pytest.approx(fill, abs=0.06)
+        assert verdict.shape_scores[shape] > 0.95 and max(verdict.shape_scores.values()) == verdict.shape_scores[shape]
+        assert verdict.foreground_rgb == (255, 235, 0) and verdict.background_rgb == (128, 128, 128)
+        assert 0.5 < verdict.confidence <= 1.0
+
+
+def test_an_empty_image_has_no_shape():
+    for name, rgb in BACKGROUNDS.items():
+        verdict = judge(Image.new("RGB", (64, 64), rgb))
+        assert verdict.background == name
+        assert verdict.colour is None and verdict.shape is None and verdict.caption is None
+        assert verdict.confidence == 0.0
+    noisy = _noisy(Image.new("RGB", (64, 64), BACKGROUNDS["gray"]), 10.0, np.random.default_rng(0))
+    assert judge(noisy).shape is None
+
+
+def test_score_counts_each_attribute():
+    image = render(Scene("red", "circle", "blue", centre=(30.0, 34.0), size=30.0))
+    captions = [
+        "a red circle on a blue background",  # all right
+        "a green circle on a blue background",  # colour wrong
+        "a red square on a blue background",  # shape wrong
+        "a red circle on a white background",  # background wrong
+        "a purple triangle on a gray background",  # all wrong
+    ]
+    result = score([image] * 5, captions)
+    assert result == {"colour": 0.6, "shape": 0.6, "background": 0.6, "both": 0.4, "all": 0.2, "n": 5}
+    batch = torch.stack([ShapesDataset(size=4)[i]["image"] for i in range(4)])
+    texts = [ShapesDataset(size=4)[i]["text"] for i in range(4)]
+    assert score(batch, texts)["all"] == 1.0
+
+
+def test_judge_is_fast():
+    import time
+
+    images = [render(s) for s in _scenes(100, seed=13)]
+    start = time.perf_counter()
+    for image in images:
+        judge(image)
+    assert time.perf_counter() - start < 2.0  # about 0.2 s here; generous for a busy machine
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="image"):
+        judge("a red circle.png")
+    with pytest.raises(TypeError, match="image"):
+        judge([[0, 0, 0]])
+    with pytest.raises(ValueError, match="image.*uint8"):
+        judge(np.zeros((64, 64, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="image.*shape"):
+        judge(torch.zeros(1, 3, 64, 64))
+    image = render(Scene("red", "circle", "blue"))
+    with pytest.raises(ValueError, match="captions.*2.*1"):
+        score([image], ["a red circle on a blue background"] * 2)
+    with pytest.raises(ValueError, match=r"captions\[0\]"):
+        score([image], ["a photograph of an astronaut riding a horse"])
+    with pytest.raises(ValueError, match="images"):
+        score([], [])
+    with pytest.raises(TypeError, match="images"):
+        score(image, ["a red circle on a blue background"])
+    assert isinstance(judge(image), Verdict)
