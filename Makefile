@@ -48,7 +48,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks
 
 execute: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 notebooks/*.ipynb
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 --ExecutePreprocessor.store_widget_state=True notebooks/*.ipynb
 
 clean:
 	rm -rf book/_build .pytest_cache tests/artifacts
