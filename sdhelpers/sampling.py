@@ -1,0 +1,239 @@
+"""Text-to-image, image-to-image and inpainting written out by hand, step for step like diffusers.
+
+Each function is the readable core of a diffusers pipeline, with the options stripped away, and
+the test suite checks that it gives the same latents and pixels as the pipeline for the same seed,
+scheduler and inputs. The three tasks share one denoising loop (:func:`denoise`) and one
+classifier-free-guidance step (:func:`predict_noise`); they differ only in how the first latent is
+made and, for inpainting, in what happens after each step:
+
+- ``txt2img``: the first latent is pure noise (``StableDiffusionPipeline``).
+- ``img2img``: the image's latent plus noise at the level ``strength`` asks for, then only the
+  remaining steps (SDEdit, ``StableDiffusionImg2ImgPipeline``).
+- ``inpaint``: as img2img, and after every step the region outside the mask is replaced by the
+  real image's latent noised to the same level (the source text's ``StableDiffusionInpaintPipelineLegacy``;
+  today ``StableDiffusionInpaintPipeline`` does this with a 4-channel UNet).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from sdhelpers.images import resize_mask, to_rgb
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
+
+
+def _as_list(prompt: str | list[str], name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name}: expected a string or a non-empty list of strings, got {prompt!r}")
+
+
+def _embed(pipe, texts: list[str]) -> torch.Tensor:
+    """Tokenize to CLIP's 77 tokens (truncating, with a warning) and take the last hidden state."""
+    tok = pipe.tokenizer
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    full = tok(texts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > ids.shape[-1]:
+        lost = tok.batch_decode(full[:, tok.model_max_length - 1 : -1])
+        warnings.warn(f"prompt: truncated to {tok.model_max_length} tokens; this part was dropped: {lost}", stacklevel=3)
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(pipe.device))[0].to(pipe.text_encoder.dtype)
+
+
+def encode_prompt(pipe, prompt, negative_prompt=None, num_images_per_prompt: int = 1):
+    """Conditional and unconditional text embeddings, each (batch x images per prompt, 77, d).
+
+    The unconditional prompt is the empty string unless ``negative_prompt`` is given: CFG then
+    steers *away* from it. Mirrors ``StableDiffusionPipeline.encode_prompt``.
+    """
+    prompts = _as_list(prompt, "prompt")
+    negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts; pass one, or one per prompt")
+    _positive_int(num_images_per_prompt, "num_images_per_prompt")
+    cond, uncond = _embed(pipe, prompts), _embed(pipe, negatives)
+    return cond.repeat_interleave(num_images_per_prompt, 0), uncond.repeat_interleave(num_images_per_prompt, 0)
+
+
+def predict_noise(pipe, latents, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
+    """One UNet call with classifier-free guidance: ``uncond + g * (cond - uncond)``.
+
+    Both halves go through the UNet as one doubled batch, as in diffusers; with ``g <= 1`` the
+    unconditional half is skipped, since the formula then needs only the conditional prediction.
+    """
+    guided = guidance_scale > 1
+    model_input = torch.cat([latents] * 2) if guided else latents
+    model_input = pipe.scheduler.scale_model_input(model_input, t)
+    context = torch.cat([uncond, cond]) if guided else cond
+    noise = pipe.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+    if not guided:
+        return noise
+    noise_uncond, noise_cond = noise.chunk(2)
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+
+def denoise(pipe, latents, timesteps, cond, uncond, guidance_scale, generator=None, after_step=None, callback=None):
+    """The loop shared by all three tasks: predict the noise, let the scheduler take one step.
+
+    ``after_step(i, t, latents) -> latents`` lets inpainting paste the known region back;
+    ``callback(i, t, latents)`` sees every intermediate latent (for previews).
+    """
+    step_kwargs = _step_kwargs(pipe.scheduler, generator)
+    for i, t in enumerate(timesteps):
+        with torch.no_grad():
+            noise = predict_noise(pipe, latents, t, cond, uncond, guidance_scale)
+        latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        if after_step is not None:
+            latents = after_step(i, t, latents)
+        if callback is not None:
+            callback(i, t, latents)
+    return latents
+
+
+def decode(pipe, latents, output_type: str = "pil"):
+    """Undo the latent scaling and decode with the VAE: PIL images, a numpy array or the latents."""
+    if output_type == "latent":
+        return latents
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def txt2img(pipe, prompt, negative_prompt=None, steps: int = 50, guidance_scale: float = 7.5, height=None,
+            width=None, generator=None, num_images_per_prompt: int = 1, callback=None, output_type="pil"):
+    """Text to image: pure noise, denoised for ``steps`` steps. Same result as ``StableDiffusionPipeline``."""
+    height, width = _check_size(pipe, height, width)
+    _positive_int(steps, "steps")
+    cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
+    pipe.scheduler.set_timesteps(steps, device=pipe.device)
+    shape = (cond.shape[0], pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latents = randn_tensor(shape, generator=generator, device=pipe.device, dtype=cond.dtype)
+    latents = latents * pipe.scheduler.init_noise_sigma
+    latents = denoise(pipe, latents, pipe.scheduler.timesteps, cond, uncond, guidance_scale, generator, callback=callback)
+    return decode(pipe, latents, output_type)
+
+
+def img2img(pipe, prompt, image, strength: float = 0.8, negative_prompt=None, steps: int = 50,
+            guidance_scale: float = 7.5, generator=None, num_images_per_prompt: int = 1, callback=None,
+            output_type="pil"):
+    """SDEdit: noise the image's latent to the level ``strength`` asks for, then denoise from there.
+
+    Only the last ``int(steps * strength)`` steps of the schedule run. Noise is added even at
+    ``strength=1.0``, so the image still leaks through a little. Same as ``StableDiffusionImg2ImgPipeline``.
+    """
+    init_image = pipe.image_processor.preprocess(to_rgb(image))
+    cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
+    timesteps = strength_timesteps(pipe.scheduler, steps, strength, pipe.device)
+    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(cond.shape[0], 0)
+    noise = randn_tensor(image_latents.shape, generator=generator, device=pipe.device, dtype=cond.dtype)
+    latents = pipe.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(cond.shape[0]))
+    latents = denoise(pipe, latents, timesteps, cond, uncond, guidance_scale, generator, callback=callback)
+    return decode(pipe, latents, output_type)
+
+
+def inpaint(pipe, prompt, image, mask, strength: float = 1.0, negative_prompt=None, steps: int = 50,
+            guidance_scale: float = 7.5, generator=None, num_images_per_prompt: int = 1, callback=None,
+            output_type="pil"):
+    """Latent-blending inpainting: repaint where the mask is white, keep the rest of ``image``.
+
+    After every step the region outside the mask is replaced by the real image's latent noised to
+    the level of the *next* step (clean after the last one), so only the masked region is generated.
+    At ``strength=1.0`` the start is pure noise. Same as ``StableDiffusionInpaintPipeline`` on a 4-channel UNet
+    called with ``height``/``width`` equal to the image's size (the pipeline's default is the model's native size).
+    """
+    image = to_rgb(image)
+    mask = resize_mask(mask, image.size)  # stated rule: a mask of another size is resized with NEAREST
+    init_image = pipe.image_processor.preprocess(image)
+    latent_mask = latent_mask_from(pipe, mask, init_image.shape[-2:])
+    cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
+    timesteps = strength_timesteps(pipe.scheduler, steps, strength, pipe.device)
+    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(cond.shape[0], 0)
+    noise = randn_tensor(image_latents.shape, generator=generator, device=pipe.device, dtype=cond.dtype)
+    if strength == 1.0:
+        latents = noise * pipe.scheduler.init_noise_sigma
+    else:
+        latents = pipe.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(cond.shape[0]))
+
+    def keep_outside_mask(i, t, latents):
+        known = image_latents
+        if i < len(timesteps) - 1:
+            known = pipe.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+        return (1 - latent_mask) * known + latent_mask * latents
+
+    latents = denoise(pipe, latents, timesteps, cond, uncond, guidance_scale, generator, keep_outside_mask, callback)
+    return decode(pipe, latents, output_type)
+
+
+# --- the pieces the three tasks share ------------------------------------------------------------
+
+
+def encode_image(pipe, image: torch.Tensor, generator=None) -> torch.Tensor:
+    """The image's latent, *sampled* from the VAE's posterior and multiplied by the scaling factor."""
+    with torch.no_grad():
+        posterior = pipe.vae.encode(image.to(pipe.device, pipe.vae.dtype)).latent_dist
+    return posterior.sample(generator) * pipe.vae.config.scaling_factor
+
+
+def strength_timesteps(scheduler, steps: int, strength: float, device) -> torch.Tensor:
+    """The tail of the schedule that img2img and inpainting run: ``int(steps * strength)`` steps.
+
+    As in diffusers, the scheduler is first set up for all ``steps``, and the first
+    ``steps - int(steps * strength)`` are skipped (for PNDM the list has one extra entry: its first
+    step is repeated, so the UNet runs once more than the number of steps).
+    """
+    _positive_int(steps, "steps")
+    if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength: {strength!r} is not allowed; use a number in [0, 1]")
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise ValueError(f"strength: {strength} x steps {steps} leaves {kept} denoising steps; raise either so there is at least 1")
+    scheduler.set_timesteps(steps, device=device)
+    start = (steps - kept) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def latent_mask_from(pipe, mask: Image.Image, image_hw) -> torch.Tensor:
+    """The mask at latent resolution: binarised at 0.5 (white = repaint), then nearest-downsampled 8x."""
+    pixels = pipe.mask_processor.preprocess(mask, height=image_hw[0], width=image_hw[1])
+    size = (image_hw[0] // pipe.vae_scale_factor, image_hw[1] // pipe.vae_scale_factor)
+    return F.interpolate(pixels, size=size).to(pipe.device, pipe.unet.dtype)
+
+
+def _step_kwargs(scheduler, generator) -> dict:
+    """``eta=0`` (deterministic DDIM) and the generator, for the schedulers whose ``step`` takes them."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {"eta": 0.0} if "eta" in accepted else {}
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: {value!r} is not allowed; use an integer >= 1")
+    return value
+
+
+def _check_size(pipe, height, width) -> tuple[int, int]:
+    """Default to the model's native size; otherwise require multiples of the VAE's 8x downsampling."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = native if height is None else height
+    width = native if width is None else width
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % pipe.vae_scale_factor:
+            raise ValueError(f"{name}: {value!r} is not allowed; use a positive multiple of {pipe.vae_scale_factor}")
+    return height, width
