@@ -177,3 +177,17 @@ def test_mask_is_binarised_at_one_half(pipes):
     assert sampling.latent_mask_from(pipe, gray, (SIZE, SIZE)).max() == 0
     gray = Image.new("L", (SIZE, SIZE), 128)
     assert sampling.latent_mask_from(pipe, gray, (SIZE, SIZE)).min() == 1
+
+
+def test_use_scheduler_keeps_the_training_schedule(pipes):
+    pipe = pipes["txt2img"]
+    before = pipe.scheduler.betas.clone()
+    for name in sampling.SCHEDULERS:
+        scheduler = sampling.use_scheduler(pipe, name)
+        assert torch.allclose(scheduler.betas, before)
+    assert sampling.use_scheduler(pipe, "ddim").config.clip_sample is False
+    assert sampling.use_scheduler(pipe, "ddim-clipped").config.clip_sample is True
+    assert sampling.use_scheduler(pipe, "dpm++").config.algorithm_type == "dpmsolver++"
+    sampling.use_scheduler(pipe, "pndm")
+    with pytest.raises(ValueError, match="^name: 'magic'"):
+        sampling.use_scheduler(pipe, "magic")
