@@ -7,13 +7,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WIDGETS_STAMP := book/node_modules/.installed
 
-.PHONY: help venv book test unit nbval browser lab execute clean
+.PHONY: help venv book test unit nbval browser lab execute bench clean
 
 help:
 	@echo "make book     build the HTML book into book/_build/html (offline, from stored outputs)"
 	@echo "make test     unit tests, nbval on every notebook, the book build and the browser check"
 	@echo "make lab      open the notebooks in JupyterLab"
 	@echo "make execute  re-execute every notebook in place (the only way stored outputs change)"
+	@echo "make bench    print the side-by-side CPU benchmark table (sdhelpers.bench)"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +50,9 @@ lab: $(STAMP)
 
 execute: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 --ExecutePreprocessor.store_widget_state=True notebooks/*.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python -m sdhelpers.bench
 
 clean:
 	rm -rf book/_build .pytest_cache tests/artifacts

@@ -7,6 +7,12 @@ One module per concept, imported explicitly by the chapters:
 - ``sdhelpers.models``: the model registry, the offline CLIP tokenizer, ``load_pipeline``, SD 1.5's architecture.
 - ``sdhelpers.data``: the synthetic shapes world TinySD is trained on.
 - ``sdhelpers.evaluate``: a pixel-level judge of prompt adherence.
+- ``sdhelpers.sampling``: txt2img, img2img and inpainting written out by hand, equal to diffusers.
+- ``sdhelpers.attention``: cross-attention maps.
+- ``sdhelpers.widgets``: live ipywidgets explorers.
+- ``sdhelpers.gpu``: speed and memory presets, OOM advice.
+- ``sdhelpers.bench``: the benchmark harness (``python -m sdhelpers.bench``).
+- ``sdhelpers.train``: training the VAE, the mini CLIP and the UNet (``python -m sdhelpers.train``).
 
 Importing the package itself is cheap: it loads no deep-learning library.
 """

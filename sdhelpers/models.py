@@ -9,7 +9,6 @@ model the same way, so the chapters run unchanged on real SD 1.5 with a GPU.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import warnings
@@ -195,20 +194,23 @@ class quiet_libraries:
     """Silence the import-time and load-time chatter of transformers and diffusers.
 
     Their warnings (a missing optional torchvision, progress bars) are noise in a chapter and, worse,
-    they make the notebooks' stored outputs depend on the installed extras.
+    they make the notebooks' stored outputs depend on the installed extras. Both libraries are imported
+    first, because importing them resets their loggers' levels.
     """
 
-    _loggers = ("transformers", "diffusers", "huggingface_hub")
-
     def __enter__(self):
-        self._levels = {name: logging.getLogger(name).level for name in self._loggers}
-        for name in self._loggers:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        self._libraries = (diffusers_logging, transformers_logging)
+        self._levels = [lib.get_verbosity() for lib in self._libraries]
+        for lib in self._libraries:
+            lib.set_verbosity_error()
         return self
 
     def __exit__(self, *exc):
-        for name, level in self._levels.items():
-            logging.getLogger(name).setLevel(level)
+        for lib, level in zip(self._libraries, self._levels):
+            lib.set_verbosity(level)
 
 
 # --- SD 1.5's architecture, from its published configs (no weights needed) -----------------------
