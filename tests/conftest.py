@@ -36,6 +36,19 @@ def build_tiny_random_pipeline():
         )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Run the unit tests' tiny models on one thread.
+
+    They gain nothing from a second thread, and when another process shares the cores, OpenMP's
+    threads wait on each other: the same test then runs tens of times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")

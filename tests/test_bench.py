@@ -15,14 +15,6 @@ from sdhelpers.models import ModelUnavailableError, load_pipeline
 RUN = ["--size", "16", "--steps", "2", "--repeats", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_loaders(tiny_pipeline_dir):
     """The tiny random pipeline stands in for TinySD, loaded from its folder like the real one."""

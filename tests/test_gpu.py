@@ -12,15 +12,6 @@ from conftest import build_tiny_random_pipeline
 from sdhelpers import gpu
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a busy 2-core machine are far faster on one thread than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pipe():
     pipeline = build_tiny_random_pipeline()
