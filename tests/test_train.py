@@ -1,0 +1,305 @@
+"""Tests of sdhelpers.train and sdhelpers.checkpoint on tiny networks (the 'smoke' recipe)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdhelpers import checkpoint as ckpt
+from sdhelpers import train
+from sdhelpers.data import ShapesDataset
+
+SMOKE = train.SMOKE_RECIPE
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def frozen_parts():
+    """A random tiny VAE and text encoder, as the UNet stage receives them."""
+    torch.manual_seed(0)
+    vae = train.build_vae(SMOKE.vae_config)
+    text_encoder = train.build_clip(SMOKE).text_model
+    return vae, text_encoder
+
+
+def _mean(curve, part):
+    values = [v for _, v in curve]
+    return float(np.mean(values[:3] if part == "head" else values[-3:]))
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- losses go down
+
+
+def test_vae_loss_decreases(tmp_path):
+    recipe = SMOKE.with_stage("vae", steps=15, learning_rate=3e-3)
+    result = train.train_vae(tmp_path, recipe=recipe, dataset=ShapesDataset(2, seed=1), progress=False)
+    assert len(result.curve) == 15 and result.finished
+    assert _mean(result.curve, "tail") < 0.8 * _mean(result.curve, "head")
+    assert (tmp_path / "vae" / "final" / "config.json").is_file()
+    report = json.loads((tmp_path / "vae" / "report.json").read_text())
+    assert report["steps"] == 15 and np.isfinite(report["psnr_held_out"])
+
+
+def test_clip_loss_decreases(tmp_path):
+    recipe = SMOKE.with_stage("clip", steps=15, learning_rate=3e-3)
+    result = train.train_clip(tmp_path, recipe=recipe, dataset=ShapesDataset(8, seed=1), progress=False)
+    assert _mean(result.curve, "tail") < 0.8 * _mean(result.curve, "head")
+    text_encoder = train.load_component(tmp_path, "clip")
+    assert text_encoder.config.vocab_size == 49408 and text_encoder.config.max_position_embeddings == 77
+
+
+def test_unet_loss_decreases(tmp_path, frozen_parts):
+    vae, text_encoder = frozen_parts
+    recipe = SMOKE.with_stage("unet", steps=15, learning_rate=3e-3)
+    result = train.train_unet(tmp_path, vae, text_encoder, recipe=recipe, dataset=ShapesDataset(4, seed=1),
+                              progress=False)
+    assert _mean(result.curve, "tail") < 0.8 * _mean(result.curve, "head")
+    assert result.ema is not None
+
+
+def test_loss_curve_is_saved_as_json(tmp_path):
+    result = train.train_vae(tmp_path, recipe=SMOKE, progress=False)
+    curve = json.loads((tmp_path / "vae" / "loss.json").read_text())
+    assert curve == result.curve and [step for step, _ in curve] == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- scaling factor
+
+
+def test_compute_scaling_factor_is_one_over_std():
+    latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 5.0 + 1.0
+    assert train.compute_scaling_factor(latents) == pytest.approx(0.2, rel=0.02)
+    with pytest.raises(ValueError, match="latents"):
+        train.compute_scaling_factor(torch.zeros(8))
+
+
+def test_unet_stage_sets_scaling_factor_from_the_data(tmp_path, frozen_parts):
+    vae, text_encoder = frozen_parts
+    vae = train.build_vae(SMOKE.vae_config)
+    data = ShapesDataset(16, seed=2)
+    train.train_unet(tmp_path, vae, text_encoder, recipe=SMOKE.with_stage("unet", steps=1), dataset=data,
+                     progress=False)
+    cache = train.encode_dataset(vae, data)
+    # the stage draws latent_dist.sample() for every image with a generator seeded by the seed (0)
+    sampled = cache.mean + cache.std * torch.randn(cache.mean.shape, generator=torch.Generator().manual_seed(0))
+    assert vae.config.scaling_factor == pytest.approx(1 / float(sampled.std()), rel=1e-4)
+    assert vae.config.scaling_factor != 1.0
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_state_round_trip_keeps_types_and_tensors(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95))
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"step": 7, "optimizer": optimizer.state_dict(), "curve": [[0, 1.5], [1, float("nan")]], "none": None}
+    path = ckpt.save_state(tmp_path / "c.safetensors", state)
+    back = ckpt.load_state(path)
+    assert back["step"] == 7 and back["none"] is None and back["curve"][0] == [0, 1.5]
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert set(back["optimizer"]["state"]) == {0, 1}
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(back["optimizer"]["state"][0][key], optimizer.state_dict()["state"][0][key])
+    fresh = torch.optim.AdamW(model.parameters(), lr=1.0)
+    fresh.load_state_dict(back["optimizer"])
+    assert fresh.param_groups[0]["lr"] == 1e-3
+
+
+def test_state_refuses_what_would_need_pickle(tmp_path):
+    with pytest.raises(TypeError, match="pickle"):
+        ckpt.save_state(tmp_path / "c.safetensors", {"bad": object()})
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_checkpoint_holds_everything_to_resume(tmp_path):
+    train.train_unet(tmp_path, *_fresh_parts(), recipe=SMOKE, dataset=ShapesDataset(8, seed=3), progress=False,
+                     stop_at=2)
+    state = ckpt.load_state(tmp_path / "unet" / "checkpoint.safetensors")
+    assert state["step"] == 2 and len(state["curve"]) == 2
+    assert set(state) >= {"model", "optimizer", "lr_scheduler", "ema", "rng", "info", "seconds"}
+    assert state["info"]["stage"] == "unet" and isinstance(state["rng"]["torch"], torch.Tensor)
+    assert len(state["ema"]["shadow_params"]) == len(list(train.build_unet(SMOKE.unet_config).parameters()))
+    assert state["lr_scheduler"]["last_epoch"] == 2
+
+
+def _fresh_parts():
+    torch.manual_seed(0)
+    return train.build_vae(SMOKE.vae_config), train.build_clip(SMOKE).text_model
+
+
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
+def test_resume_is_bitwise_exact(tmp_path, stage):
+    """N steps straight == N/2, checkpoint, a fresh load (new objects, new generators), N/2 more."""
+    recipe = SMOKE.with_stage(stage, steps=4, warmup_steps=1)
+    data = ShapesDataset(8, seed=4)
+
+    def run(work, **kwargs):
+        torch.manual_seed(123)  # the global RNG state must not matter: the checkpoint restores it
+        if stage == "vae":
+            return train.train_vae(work, recipe=recipe, dataset=data, progress=False, **kwargs)
+        if stage == "clip":
+            return train.train_clip(work, recipe=recipe, dataset=data, progress=False, **kwargs)
+        return train.train_unet(work, *_fresh_parts(), recipe=recipe, dataset=data, progress=False, **kwargs)
+
+    straight = run(tmp_path / "a")
+    half = run(tmp_path / "b", stop_at=2)
+    assert half.step == 2 and not half.finished
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.finished and resumed.curve == straight.curve
+    assert _states_equal(straight.objective.state_dict(), resumed.objective.state_dict())
+    if stage == "unet":
+        assert all(torch.equal(a, b) for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params))
+
+
+def test_corrupt_checkpoint_raises_and_is_left_alone(tmp_path):
+    train.train_vae(tmp_path, recipe=SMOKE, progress=False, stop_at=2)
+    path = tmp_path / "vae" / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"#" * 32  # break the JSON header
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint.safetensors"):
+        train.train_vae(tmp_path, recipe=SMOKE, progress=False, resume=True)
+    assert path.read_bytes() == bytes(data)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
+        ckpt.load_state(path)
+
+
+def test_mismatched_checkpoint_raises_and_is_left_alone(tmp_path):
+    train.train_vae(tmp_path, recipe=SMOKE, progress=False, stop_at=2)
+    path = tmp_path / "vae" / "checkpoint.safetensors"
+    before = path.read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.safetensors.*settings\.batch_size: checkpoint has 4"):
+        train.train_vae(tmp_path, recipe=SMOKE, batch_size=2, progress=False, resume=True)
+    other = dataclasses.replace(SMOKE, vae_config={**SMOKE.vae_config, "latent_channels": 8})
+    with pytest.raises(ckpt.CheckpointError, match="different run.*latent_channels"):
+        train.train_vae(tmp_path, recipe=other, progress=False, resume=True)
+    assert path.read_bytes() == before
+
+
+def test_checkpoint_that_does_not_fit_the_model_raises(tmp_path):
+    train.train_vae(tmp_path, recipe=SMOKE, progress=False, stop_at=2)
+    path = tmp_path / "vae" / "checkpoint.safetensors"
+    state = ckpt.load_state(path)
+    state["model"].pop(next(iter(state["model"])))
+    ckpt.save_state(path, state)
+    with pytest.raises(ckpt.CheckpointError, match="does not fit"):
+        train.train_vae(tmp_path, recipe=SMOKE, progress=False, resume=True)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train.train_vae(tmp_path, recipe=SMOKE, progress=False, stop_at=2)
+    path = tmp_path / "vae" / "checkpoint.safetensors"
+    before = path.read_bytes()
+
+    def write_half_then_fail(handle, data):
+        handle.write(memoryview(data)[: len(data) // 2])
+        raise KeyboardInterrupt("simulated crash in the middle of a save")
+
+    monkeypatch.setattr(ckpt, "_write_chunks", write_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_vae(tmp_path, recipe=SMOKE, progress=False, resume=True)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.undo()
+    assert ckpt.load_state(path)["step"] == 2
+    assert train.train_vae(tmp_path, recipe=SMOKE, progress=False, resume=True).finished
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_empty_dataset_and_zero_batch_size_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="dataset: is empty"):
+        train.train_vae(tmp_path, recipe=SMOKE, dataset=[], progress=False)
+    with pytest.raises(ValueError, match="batch_size: 0"):
+        train.train_clip(tmp_path, recipe=SMOKE, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="steps: -1"):
+        train.train_vae(tmp_path, recipe=SMOKE, steps=-1, progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        train.train_vae(tmp_path, recipe=SMOKE, seed=-3, progress=False)
+    assert not (tmp_path / "vae").exists()
+
+
+def test_unet_refuses_a_text_encoder_of_the_wrong_width(tmp_path):
+    vae, _ = _fresh_parts()
+    wide = train.build_clip(train.TINYSD_RECIPE).text_model
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        train.train_unet(tmp_path, vae, wide, recipe=SMOKE, progress=False)
+
+
+def test_cli_rejects_steps_with_all(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["all", "--out", str(tmp_path / "m"), "--steps", "3"])
+
+
+# --------------------------------------------------------------------------- the whole recipe
+
+
+def test_all_writes_a_pipeline_that_loads_offline_and_generates(tmp_path, monkeypatch):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = train.main(["all", "--out", str(tmp_path / "tinysd"), "--preset", "smoke", "--seed", "5", "--no-progress"])
+    assert out == tmp_path / "tinysd"
+    names = {p.name for p in out.iterdir()}
+    assert {"model_index.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler", "training.json",
+            "loss_vae.json", "loss_clip.json", "loss_unet.json"} <= names
+    assert (tmp_path / "tinysd.work" / "unet" / "checkpoint.safetensors").is_file()  # checkpoints stay outside
+    training = json.loads((out / "training.json").read_text())
+    assert training["seed"] == 5 and set(training["stages"]) == {"vae", "clip", "unet"}
+    assert {"torch", "diffusers", "transformers"} <= set(training["versions"])
+    assert all(training["stages"][s]["seconds"] >= 0 for s in train.STAGES)
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert isinstance(pipe.scheduler, PNDMScheduler)
+    config = pipe.scheduler.config
+    assert (config.skip_prk_steps, config.steps_offset, config.set_alpha_to_one) == (True, 1, False)
+    assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert pipe.safety_checker is None and pipe.config.requires_safety_checker is False
+    assert pipe.vae.config.scaling_factor == pytest.approx(training["scaling_factor"])
+    ids = pipe.tokenizer("a red circle on a blue background").input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407 and len(pipe.tokenizer.get_vocab()) == 49408
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_export_uses_fp16_only_when_needed_and_still_loads_fp32(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    vae, text_encoder = _fresh_parts()
+    unet = train.build_unet(SMOKE.unet_config)
+    fp32_megabytes = train._parameter_megabytes([vae, text_encoder, unet], 4)
+    small = train.export_pipeline(tmp_path / "fp16", vae, text_encoder, unet, max_megabytes=fp32_megabytes)
+    with safe_open(str(small / "text_encoder" / "model.safetensors"), "pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
+    pipe = StableDiffusionPipeline.from_pretrained(small, local_files_only=True)
+    assert pipe.text_encoder.dtype == torch.float32 and pipe.unet.dtype == torch.float32
+    roomy = train.export_pipeline(tmp_path / "fp32", vae, text_encoder, unet, max_megabytes=100.0)
+    with safe_open(str(roomy / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float32
+    with pytest.raises(ValueError, match="out: .* not a diffusers pipeline folder"):
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "keep.txt").write_text("mine")
+        train.export_pipeline(tmp_path / "notes", vae, text_encoder, unet)
