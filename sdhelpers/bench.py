@@ -73,13 +73,12 @@ from sdhelpers.gpu import (
     free_memory,
 )
 from sdhelpers.models import (
-    SD15_SCHEDULER_CONFIG,
     SD15_TEXT_ENCODER_CONFIG,
     SD15_UNET_CONFIG,
     SD15_VAE_CONFIG,
     ModelUnavailableError,
+    assemble_pipeline,
     load_pipeline,
-    load_tokenizer,
     quiet_libraries,
 )
 
@@ -115,7 +114,7 @@ def build_sd15_arch_pipeline(device: str | torch.device = "cpu", seed: int = 0):
     fraction of one on a GPU); ``"meta"`` builds it without memory. The weights are fp32;
     :func:`sdhelpers.gpu.apply_preset` casts them.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -123,14 +122,7 @@ def build_sd15_arch_pipeline(device: str | torch.device = "cpu", seed: int = 0):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
         vae = AutoencoderKL(**SD15_VAE_CONFIG).eval()
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)).eval()
-    with quiet_libraries():
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
-            scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, unet)
 
 
 def load_tinysd(device: str | torch.device = "cpu"):

@@ -193,9 +193,9 @@ def _check_hub_id(repo_id: str, entry: ModelEntry | None) -> None:
 class quiet_libraries:
     """Silence the import-time and load-time chatter of transformers and diffusers.
 
-    Their warnings (a missing optional torchvision, progress bars) are noise in a chapter and, worse,
-    they make the notebooks' stored outputs depend on the installed extras. Both libraries are imported
-    first, because importing them resets their loggers' levels.
+    Their warnings (a missing optional torchvision) and progress bars ("Loading weights") are noise in a
+    chapter and, worse, they make the notebooks' stored outputs depend on the installed extras. Both
+    libraries are imported first, because importing them resets their loggers' levels.
     """
 
     def __enter__(self):
@@ -204,13 +204,34 @@ class quiet_libraries:
 
         self._libraries = (diffusers_logging, transformers_logging)
         self._levels = [lib.get_verbosity() for lib in self._libraries]
+        self._bars = [lib.is_progress_bar_enabled() for lib in self._libraries]
         for lib in self._libraries:
             lib.set_verbosity_error()
+            lib.disable_progress_bar()
         return self
 
     def __exit__(self, *exc):
-        for lib, level in zip(self._libraries, self._levels):
+        for lib, level, bars in zip(self._libraries, self._levels, self._bars):
             lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def assemble_pipeline(vae, text_encoder, unet):
+    """A ``StableDiffusionPipeline`` from three networks, the real CLIP tokenizer and SD 1.5's PNDM sampler.
+
+    No safety checker: the book's models (TinySD, random-weight SD 1.5 for benchmarks) have none.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    with quiet_libraries():
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+            scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # --- SD 1.5's architecture, from its published configs (no weights needed) -----------------------

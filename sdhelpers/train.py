@@ -61,7 +61,7 @@ from sdhelpers.checkpoint import (
     save_state,
     set_rng_state,
 )
-from sdhelpers.models import SD15_SCHEDULER_CONFIG, load_tokenizer, quiet_libraries
+from sdhelpers.models import assemble_pipeline, load_tokenizer, quiet_libraries
 
 STAGES = ("vae", "clip", "unet")
 COMMANDS = (*STAGES, "all")
@@ -978,7 +978,7 @@ def _save_component(model: nn.Module, folder: Path) -> None:
     """``save_pretrained`` into a fresh folder (safetensors), replacing an older copy."""
     if folder.exists():
         shutil.rmtree(folder)
-    with quiet_libraries(), _no_progress_bars():
+    with quiet_libraries():
         model.save_pretrained(folder, safe_serialization=True)
 
 
@@ -993,22 +993,13 @@ def load_component(work: str | os.PathLike, stage: str):
         raise FileNotFoundError(
             f"work: {folder} holds no finished {stage} model; run `python -m sdhelpers.train {stage} --work {work}` first"
         )
-    with quiet_libraries(), _no_progress_bars():
+    with quiet_libraries():
         return classes[stage].from_pretrained(folder, dtype=torch.float32)
 
 
 def build_pipeline(vae: nn.Module, text_encoder: nn.Module, unet: nn.Module):
     """A standard ``StableDiffusionPipeline``: TinySD's networks, the real tokenizer, SD 1.5's PNDM."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    with quiet_libraries():
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
-            scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, unet)
 
 
 def _folder_megabytes(folder: Path) -> float:
@@ -1050,7 +1041,7 @@ def export_pipeline(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with quiet_libraries(), _no_progress_bars():
+        with quiet_libraries():
             copies = [copy.deepcopy(m).to("cpu", dtype) for m in modules]
             build_pipeline(*copies).save_pretrained(staging, safe_serialization=True)
         _ship_slow_tokenizer_files(staging / "tokenizer")
@@ -1087,25 +1078,6 @@ def _ship_slow_tokenizer_files(folder: Path) -> None:
             shutil.copyfile(TOKENIZER_DIR / name, folder / name)
 
 
-class _no_progress_bars:
-    """Hide the "Loading weights" / "Writing model shards" bars of transformers and diffusers for a block."""
-
-    def __enter__(self):
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        self._modules = (diffusers_logging, transformers_logging)
-        self._enabled = [m.is_progress_bar_enabled() for m in self._modules]
-        for module in self._modules:
-            module.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        for module, enabled in zip(self._modules, self._enabled):
-            if enabled:
-                module.enable_progress_bar()
-
-
 def _versions() -> dict[str, str]:
     import platform
 
@@ -1130,7 +1102,7 @@ def finish(out: str | os.PathLike, work: str | os.PathLike, *, seed: int, preset
         raise FileNotFoundError(f"work: {work} has no finished UNet stage; run the unet stage first")
     from diffusers import AutoencoderKL
 
-    with quiet_libraries(), _no_progress_bars():
+    with quiet_libraries():
         vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32)
     text_encoder = load_component(work, "clip")
     unet = load_component(work, "unet")

@@ -8,10 +8,10 @@ import torch
 
 def build_tiny_random_pipeline():
     """The smallest pipeline with SD's exact classes and the real CLIP tokenizer (random weights)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdhelpers.models import SD15_SCHEDULER_CONFIG, load_tokenizer, quiet_libraries
+    from sdhelpers.models import assemble_pipeline, quiet_libraries
 
     torch.manual_seed(0)
     with quiet_libraries():
@@ -29,11 +29,7 @@ def build_tiny_random_pipeline():
             vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu",
         ))
-        return StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
-            scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    return assemble_pipeline(vae, text_encoder, unet)
 
 
 @pytest.fixture(autouse=True, scope="session")
