@@ -91,8 +91,8 @@ TINYSD_VAE_CONFIG: dict[str, Any] = {
 ``norm_num_groups`` is 1 where SD has 32. GroupNorm removes each group's mean and spread per image;
 in a flat-colour image that is most of what there is to say about the colours, and with small
 groups the network must smuggle absolute colour through the ratios between a group's few
-channels. One group (a LayerNorm over all channels) keeps those ratios across all channels: in our
-measurements it reached in 600 steps the PSNR that 8 groups needed about 1,000 more for.
+channels. One group (a LayerNorm over all channels) keeps those ratios across all channels. Same
+recipe otherwise (batch 16, 600 of 900 steps): 27.4 dB held-out PSNR with one group, 23.7 with 8.
 """
 
 TINYSD_TEXT_CONFIG: dict[str, Any] = {
@@ -124,7 +124,7 @@ TINYSD_UNET_CONFIG: dict[str, Any] = {
     "out_channels": 4,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (128, 128),
+    "block_out_channels": (64, 128),
     "layers_per_block": 1,
     "cross_attention_dim": 64,
     "attention_head_dim": 4,  # diffusers' historical name: this is the number of heads, like SD's 8
@@ -136,7 +136,10 @@ TINYSD_UNET_CONFIG: dict[str, Any] = {
 """SD's UNet (cross-attention down/up blocks around a cross-attention middle) on 8×8 latents.
 
 Two levels (8×8 and 4×4) instead of SD's four: an 8×8 latent has nothing left to halve after that.
-``cross_attention_dim`` must equal the text encoder's ``hidden_size``.
+Unlike SD, both levels cross-attend to the text (7 attention blocks in all): with so few pixels the
+attention is cheap, and the prompt is the whole point. 4.2M parameters; 64 channels at 8×8 rather
+than 128 halve the cost of a training step. ``cross_attention_dim`` must equal the text encoder's
+``hidden_size``.
 """
 
 TINYSD_NOISE_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -187,6 +190,7 @@ class Recipe:
     vae_loss: dict[str, float] = dataclasses.field(default_factory=lambda: dict(TINYSD_VAE_LOSS))
     vae_initial_logvar: float | None = -6.0
     caption_dropout: float = 0.1
+    eval_images: int = 256  # images per split for the end-of-stage VAE PSNR and CLIP accuracy
     noise_scheduler_config: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(TINYSD_NOISE_SCHEDULER_CONFIG)
     )
@@ -197,7 +201,11 @@ class Recipe:
     def with_stage(self, name: str, **changes: Any) -> "Recipe":
         """A copy with some of one stage's settings changed (``steps``, ``batch_size``...)."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **{name: dataclasses.replace(self.stage(name), **changes)})
+        current = self.stage(name)
+        steps = changes.get("steps")
+        if isinstance(steps, int) and steps > 0 and "warmup_steps" not in changes:
+            changes["warmup_steps"] = min(current.warmup_steps, steps // 10)  # a short run keeps a short warm-up
+        return dataclasses.replace(self, **{name: dataclasses.replace(current, **changes)})
 
 
 TINYSD_RECIPE = Recipe(
@@ -205,13 +213,17 @@ TINYSD_RECIPE = Recipe(
     text_config=TINYSD_TEXT_CONFIG,
     image_tower_config=TINYSD_IMAGE_TOWER_CONFIG,
     unet_config=TINYSD_UNET_CONFIG,
-    vae=StageSettings(steps=1200, batch_size=16, learning_rate=2e-3, warmup_steps=50, checkpoint_every=200),
-    clip=StageSettings(steps=300, batch_size=128, learning_rate=2e-3, warmup_steps=30, weight_decay=0.01,
+    vae=StageSettings(steps=1600, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=200),
+    clip=StageSettings(steps=200, batch_size=128, learning_rate=2e-3, warmup_steps=20, weight_decay=0.01,
                        checkpoint_every=100),
-    unet=StageSettings(steps=6000, batch_size=64, learning_rate=1e-3, warmup_steps=200, weight_decay=0.01,
-                       ema_decay=0.999, dataset_size=20_000, checkpoint_every=500),
+    unet=StageSettings(steps=2400, batch_size=64, learning_rate=1e-3, warmup_steps=200, weight_decay=0.01,
+                       ema_decay=0.999, dataset_size=20_000, checkpoint_every=200),
 )
-"""The recipe of the shipped TinySD."""
+"""The recipe of the shipped TinySD, sized for about 45 minutes on two CPU cores.
+
+Measured per step on two shared cores: VAE 0.46 s (batch 16), CLIP 0.63 s (batch 128),
+UNet 0.5-0.75 s (batch 64), plus about 2 minutes to encode the 20,000 cached latents.
+"""
 
 SMOKE_RECIPE = Recipe(
     vae_config={**TINYSD_VAE_CONFIG, "block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4,
@@ -225,6 +237,7 @@ SMOKE_RECIPE = Recipe(
     clip=StageSettings(steps=4, batch_size=8, learning_rate=1e-3, checkpoint_every=2),
     unet=StageSettings(steps=4, batch_size=8, learning_rate=1e-3, ema_decay=0.9, dataset_size=32,
                        checkpoint_every=2),
+    eval_images=8,
 )
 """A recipe small enough to run the whole pipeline in seconds: for tests and a first try."""
 
@@ -646,7 +659,8 @@ def train_vae(
         vae = result.model.eval()
         _save_component(vae, work / "vae" / FINAL_FOLDER)
         report = _settings_report(result, settings)
-        report["psnr_held_out"] = round(vae_psnr(vae, count=64, seed=seed), 2)
+        report["psnr"] = {split: round(vae_psnr(vae, count=recipe.eval_images, seed=seed, split=split), 2)
+                          for split in ("train", "held_out")}
         _write_report(work, "vae", report)
     return result
 
@@ -763,7 +777,8 @@ def train_clip(
         clip = result.model.eval()
         _save_component(clip.text_model, work / "clip" / FINAL_FOLDER)
         report = _settings_report(result, settings)
-        report["caption_accuracy"] = {split: round(clip_accuracy(clip, tokens, seed=seed, split=split), 3)
+        report["caption_accuracy"] = {split: round(clip_accuracy(clip, tokens, count=recipe.eval_images, seed=seed,
+                                                                split=split), 3)
                                       for split in ("train", "held_out")}
         _write_report(work, "clip", report)
     return result
@@ -991,7 +1006,8 @@ def load_component(work: str | os.PathLike, stage: str):
     folder = Path(work) / _check_stage(stage) / FINAL_FOLDER
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"work: {folder} holds no finished {stage} model; run `python -m sdhelpers.train {stage} --work {work}` first"
+            f"work: {folder} holds no finished {stage} model; "
+            f"run `python -m sdhelpers.train {stage} --out OUT --work {work}` first"
         )
     with quiet_libraries():
         return classes[stage].from_pretrained(folder, dtype=torch.float32)
