@@ -312,8 +312,8 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def _peak_gib(row: dict) -> float | None:
-    """The memory that matters: CUDA peak allocated on a GPU, else peak RSS."""
+def peak_memory_gib(row: dict) -> float | None:
+    """The memory that matters, in GiB: CUDA peak allocated on a GPU, else the process's peak RSS."""
     return row["peak_allocated_gib"] if row["peak_allocated_gib"] is not None else row["peak_rss_gib"]
 
 
@@ -325,7 +325,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             if row["model"] != model or row["status"] != "ok" or base is None:
                 continue
             speed = row["it_per_s"] / base["it_per_s"] if row["it_per_s"] and base["it_per_s"] else None
-            memory = _peak_gib(row) / _peak_gib(base) if _peak_gib(row) and _peak_gib(base) else None
+            memory = peak_memory_gib(row) / peak_memory_gib(base) if peak_memory_gib(row) and peak_memory_gib(base) else None
             row["ratio_vs_default"] = {"it_per_s": _round(speed, 3), "peak_memory": _round(memory, 3)}
     return rows
 
@@ -421,6 +421,18 @@ def run_benchmark(
         "results": results,
         "skipped": skipped,
     }
+
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
+"""Where the book keeps benchmark runs made on a GPU (``--json book/results/...``)."""
+
+
+def load_results(folder: str | Path | None = None) -> dict[str, dict]:
+    """The stored benchmark runs (file stem → JSON document), in name order; empty if there are none."""
+    folder = RESULTS_DIR if folder is None else Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
 
 
 def _num(value: float | None, fmt: str = ".2f") -> str:

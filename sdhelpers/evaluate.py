@@ -264,3 +264,125 @@ def score(images: Any, captions: Sequence[str]) -> dict[str, float]:
         "all": float((colour & shape & background).mean()),
         "n": len(items),
     }
+
+
+# --------------------------------------------------------------------------- grading a pipeline
+
+
+def adherence_prompts(split: str, count: int, seed: int = 0) -> list[str]:
+    """``count`` captions of ``split`` ("train" or "held_out"), drawn like the training data draws them.
+
+    Each prompt is a fresh :func:`~sdhelpers.data.sample_scene`, so colours and shapes come out
+    balanced and the list is the same for a given seed on every machine.
+    """
+    from sdhelpers.data import sample_scene
+
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"count: {count!r} is not allowed; use a whole number of prompts ≥ 1")
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, split).caption for _ in range(count)]
+
+
+@torch.no_grad()
+def grade_pipeline(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 25,
+) -> dict[str, float]:
+    """Generate one 64×64 image per prompt and :func:`score` them: the model card's quality figures.
+
+    Image ``i`` uses a CPU generator seeded ``seed + i``, so a figure does not depend on the batch size.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} is not allowed; use a whole number ≥ 1")
+    prompts = list(prompts)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
+        images += pipe(chunk, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=generators).images
+    return score(images, prompts)
+
+
+def quality_report(pipe: Any, *, train_prompts: int = 200, held_out_prompts: int = 100, steps: int = 25,
+                   guidance_scale: float = 7.5, seed: int = 0) -> dict[str, Any]:
+    """The model card's table: adherence on training and held-out compositions, with the settings used."""
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+                "scheduler": type(pipe.scheduler).__name__, "size": 64}
+    train = grade_pipeline(pipe, adherence_prompts("train", train_prompts, seed), steps=steps,
+                           guidance_scale=guidance_scale, seed=seed)
+    held_out = grade_pipeline(pipe, adherence_prompts("held_out", held_out_prompts, seed + 1), steps=steps,
+                              guidance_scale=guidance_scale, seed=seed + 100_000)
+    return {"settings": settings, "train": train, "held_out": held_out}
+
+
+def seconds_per_image(pipe: Any, *, steps: int = 25, guidance_scale: float = 7.5, repeats: int = 5) -> float:
+    """Median wall-clock seconds for one 64×64 image (batch 1) after one warm-up call."""
+    import statistics
+    import time
+
+    def once() -> float:
+        began = time.perf_counter()
+        pipe("a red circle on a blue background", height=64, width=64, num_inference_steps=steps,
+             guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - began
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def measure_model(folder: Any, *, train_prompts: int = 200, held_out_prompts: int = 100, seed: int = 0,
+                  speed_repeats: int = 5) -> dict[str, Any]:
+    """Everything the model card reports about a pipeline folder: adherence, VAE PSNR, speed, sizes."""
+    from sdhelpers.device import hardware_summary
+    from sdhelpers.models import count_parameters, load_pipeline
+    from sdhelpers.train import flush_denormals, vae_psnr
+
+    pipe = load_pipeline(str(folder), device="cpu")
+    with flush_denormals():
+        report = quality_report(pipe, train_prompts=train_prompts, held_out_prompts=held_out_prompts, seed=seed)
+        report["settings"].update(train_prompts=train_prompts, held_out_prompts=held_out_prompts)
+        report["vae_psnr"] = round(vae_psnr(pipe.vae, 256, split="held_out"), 3)
+        report["seconds_per_image"] = round(seconds_per_image(pipe, repeats=speed_repeats), 4)
+    report.update(speed_repeats=speed_repeats, hardware=hardware_summary("cpu"), threads=torch.get_num_threads(),
+                  parameters={name: (type(getattr(pipe, name)).__name__, count_parameters(getattr(pipe, name)))
+                              for name in ("vae", "text_encoder", "unet")})
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m sdhelpers.evaluate``: grade a pipeline folder; ``--write`` stores quality.json and the card."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from sdhelpers.checkpoint import atomic_write_json
+    from sdhelpers.model_card import write_model_card
+    from sdhelpers.models import TINYSD_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m sdhelpers.evaluate", description=main.__doc__)
+    parser.add_argument("--model", type=Path, default=TINYSD_DIR, help="a diffusers pipeline folder (default: TinySD)")
+    parser.add_argument("--train-prompts", type=int, default=200)
+    parser.add_argument("--held-out-prompts", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--write", action="store_true", help="write quality.json and README.md into the folder")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = measure_model(args.model, train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
+                           seed=args.seed)
+    print(json.dumps({k: report[k] for k in ("train", "held_out", "vae_psnr", "seconds_per_image")}, indent=1))
+    if args.write:
+        atomic_write_json(args.model / "quality.json", report)
+        print("wrote", write_model_card(args.model).name)
+    return report
+
+
+if __name__ == "__main__":
+    main()

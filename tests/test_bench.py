@@ -154,3 +154,21 @@ def test_settings_are_checked_in_the_api():
         bench.BenchSettings(size=64, steps=3, dtype="int8")
     with pytest.raises(ValueError, match="preset: 'turbo' is not a preset"):
         bench.run_benchmark(["tinysd"], ["turbo"], device="cpu")
+
+
+def test_load_results_reads_stored_runs_in_name_order(tmp_path):
+    from sdhelpers.bench import load_results
+
+    assert load_results(tmp_path / "missing") == {}
+    (tmp_path / "b_run.json").write_text(json.dumps({"hardware": "B", "results": []}))
+    (tmp_path / "a_run.json").write_text(json.dumps({"hardware": "A", "results": []}))
+    (tmp_path / "notes.md").write_text("not a run")
+    runs = load_results(tmp_path)
+    assert list(runs) == ["a_run", "b_run"] and runs["a_run"]["hardware"] == "A"
+
+
+def test_peak_memory_prefers_cuda_allocated_over_rss():
+    from sdhelpers.bench import peak_memory_gib
+
+    assert peak_memory_gib({"peak_allocated_gib": 2.5, "peak_rss_gib": 9.0}) == 2.5
+    assert peak_memory_gib({"peak_allocated_gib": None, "peak_rss_gib": 1.25}) == 1.25

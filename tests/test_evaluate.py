@@ -1,5 +1,7 @@
 """The prompt-adherence judge: accuracy on real, noisy and blurred images, score() and errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,54 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(TypeError, match="images"):
         score(image, ["a red circle on a blue background"])
     assert isinstance(judge(image), Verdict)
+
+
+# --------------------------------------------------------------------------- grading a pipeline
+
+def test_adherence_prompts_are_seeded_and_stay_in_their_split():
+    from sdhelpers.data import is_held_out, parse_caption
+    from sdhelpers.evaluate import adherence_prompts
+
+    train = adherence_prompts("train", 60, seed=3)
+    assert train == adherence_prompts("train", 60, seed=3) and train != adherence_prompts("train", 60, seed=4)
+    held = adherence_prompts("held_out", 30, seed=3)
+    assert not any(is_held_out(parse_caption(p).colour, parse_caption(p).shape) for p in train)
+    assert all(is_held_out(parse_caption(p).colour, parse_caption(p).shape) for p in held)
+    with pytest.raises(ValueError, match="count"):
+        adherence_prompts("train", 0)
+
+
+def test_grade_pipeline_scores_one_image_per_prompt_independently_of_batch_size(tiny_pipeline_dir):
+    from sdhelpers.evaluate import grade_pipeline
+    from sdhelpers.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    prompts = ["a red circle on a blue background", "a white square on a black background", "a blue triangle on a white background"]
+    # The tiny test pipeline's VAE halves the size: 64 px in, latents 32x32, images back at 64 px.
+    one = grade_pipeline(pipe, prompts, steps=2, batch_size=1)
+    three = grade_pipeline(pipe, prompts, steps=2, batch_size=3)
+    assert one == three and one["n"] == 3
+    with pytest.raises(ValueError, match="batch_size"):
+        grade_pipeline(pipe, prompts, batch_size=0)
+
+
+def test_model_card_renders_measured_figures_and_flags_missed_targets(tmp_path):
+    from sdhelpers.model_card import quality_table, write_model_card
+
+    scores = {"colour": 0.97, "shape": 0.92, "background": 1.0, "both": 0.9, "all": 0.9, "n": 200}
+    quality = {"settings": {"steps": 25, "guidance_scale": 7.5, "seed": 0, "scheduler": "PNDMScheduler", "size": 64,
+                            "train_prompts": 200, "held_out_prompts": 100},
+               "train": scores, "held_out": {**scores, "both": 0.5}, "vae_psnr": 31.2, "seconds_per_image": 0.42,
+               "speed_repeats": 5, "hardware": "CPU", "threads": 2,
+               "parameters": {"vae": ["AutoencoderKL", 10], "text_encoder": ["CLIPTextModel", 20], "unet": ["UNet2DConditionModel", 30]}}
+    training = {"seed": 0, "preset": "tinysd", "total_seconds": 3000.0, "hardware": "CPU", "threads": 2,
+                "stages": {"vae": {"steps": 1, "batch_size": 1, "seconds": 1.0, "psnr": {"train": 32.0, "held_out": 31.0}, "settings": {"learning_rate": 0.001}}}}
+    table = quality_table(training, quality)
+    assert "| 97.0% | yes |" in table and "| 50.0% | **no** |" in table  # held-out 50% < 85%
+    assert "| 50.0 | **no** |" in table  # 50 minutes > 45
+    with pytest.raises(FileNotFoundError, match="training.json"):
+        write_model_card(tmp_path)
+    (tmp_path / "training.json").write_text(json.dumps(training))
+    (tmp_path / "quality.json").write_text(json.dumps(quality))
+    card = write_model_card(tmp_path).read_text()
+    assert "31.20" in card and "python -m sdhelpers.train all" in card and "UNet2DConditionModel" in card
