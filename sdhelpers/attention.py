@@ -14,6 +14,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
@@ -101,3 +102,98 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
         if ids[start : start + len(target)] == target:
             return list(range(start, start + len(target)))
     raise ValueError(f"word: {word!r} does not occur in the prompt {prompt!r}")
+
+
+def foreground_mask(image, border: int = 2, min_contrast: float = 40.0) -> np.ndarray:
+    """Where the shape is: pixels whose colour is far from the background's, as a boolean ``(H, W)`` array.
+
+    The background colour is the median of the ``border``-pixel frame (a shapes-world shape never
+    touches it). A pixel is foreground when its RGB distance from that colour is above half the
+    typical distance of the clearly different pixels (those beyond ``min_contrast``), i.e. where an
+    anti-aliased edge is half covered. An image with no clearly different pixel gives an empty mask.
+    """
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image: expected a PIL image, got {type(image).__name__}")
+    if not isinstance(border, int) or isinstance(border, bool) or border < 1 or 4 * border > min(image.size):
+        raise ValueError(f"border: {border!r} is not allowed; use a whole number of pixels from 1 to a quarter of the side")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    frame = np.ones(rgb.shape[:2], dtype=bool)
+    frame[border:-border, border:-border] = False
+    distance = np.linalg.norm(rgb - np.median(rgb[frame], axis=0), axis=2)
+    clear = distance > min_contrast
+    if not clear.any():
+        return np.zeros(rgb.shape[:2], dtype=bool)
+    return distance > float(np.median(distance[clear])) / 2
+
+
+def map_mask_correlation(token_map: torch.Tensor, mask) -> float:
+    """Pearson correlation between an attention map and a mask, after resizing the map to the mask's size.
+
+    ``token_map`` is one ``(h, w)`` map (e.g. ``store.token_maps(...)[position]``), ``mask`` an
+    ``(H, W)`` boolean or 0/1 array. +1: the map is high exactly on the mask; 0: unrelated.
+    """
+    if not isinstance(token_map, torch.Tensor) or token_map.ndim != 2:
+        raise ValueError("token_map: expected one 2-D (h, w) tensor, e.g. store.token_maps(hw)[position]")
+    target = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    if target.ndim != 2:
+        raise ValueError(f"mask: expected a 2-D (H, W) array, got shape {tuple(target.shape)}")
+    resized = F.interpolate(token_map[None, None].float(), size=tuple(target.shape), mode="bilinear",
+                            align_corners=False)[0, 0]
+    a, b = resized.flatten() - resized.mean(), target.flatten() - target.mean()
+    denominator = float(a.norm() * b.norm())
+    if denominator == 0:
+        raise ValueError("mask: the map or the mask is constant, so their correlation is undefined")
+    return float((a @ b) / denominator)
+
+
+@dataclass
+class BlockTrace:
+    """One stage of a UNet forward pass: its output shape and the skip connections it adds or uses.
+
+    ``skips_out``: shapes of the tensors a down stage (``conv_in`` included) saves for the way up.
+    ``skips_in``: shapes of the saved tensors an up block concatenates to its input, in use order.
+    """
+
+    name: str
+    kind: str
+    output: tuple[int, ...]
+    skips_out: list[tuple[int, ...]] = field(default_factory=list)
+    skips_in: list[tuple[int, ...]] = field(default_factory=list)
+
+
+def trace_unet(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> list[BlockTrace]:
+    """Run one forward pass with hooks and return the shapes along the U, stage by stage.
+
+    Works on the meta device too (``sd15_architecture().unet`` with meta inputs): shapes, no compute.
+    """
+    stages = [("conv_in", unet.conv_in)]
+    stages += [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
+    stages += [("mid_block", unet.mid_block)]
+    stages += [(f"up_blocks.{i}", block) for i, block in enumerate(unet.up_blocks)]
+    stages += [("conv_out", unet.conv_out)]
+    traces: list[BlockTrace] = []
+
+    def hook(name, module):
+        def record(_module, args, kwargs, output):
+            main = output[0] if isinstance(output, tuple) else output
+            trace = BlockTrace(name, type(module).__name__, tuple(main.shape))
+            if name == "conv_in":
+                trace.skips_out = [tuple(main.shape)]
+            elif name.startswith("down_blocks"):
+                trace.skips_out = [tuple(t.shape) for t in output[1]]
+            elif name.startswith("up_blocks"):
+                used = kwargs["res_hidden_states_tuple"] if "res_hidden_states_tuple" in kwargs else args[1]
+                trace.skips_in = [tuple(t.shape) for t in reversed(used)]  # an up block pops from the end
+            traces.append(trace)
+        return record
+
+    handles = [module.register_forward_hook(hook(name, module), with_kwargs=True) for name, module in stages]
+    try:
+        with torch.no_grad():
+            unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return traces

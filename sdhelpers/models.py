@@ -159,7 +159,8 @@ def load_pipeline(
     ``device`` and ``dtype`` default to :func:`sdhelpers.device.get_device` / ``get_dtype``.
     Extra keyword arguments go to diffusers' ``from_pretrained``.
     """
-    cls = _pipeline_class(task)
+    with quiet_libraries():  # importing the pipelines makes transformers warn about torchvision
+        cls = _pipeline_class(task)
     source, entry = resolve_model(model)
     if entry is not None and entry.kind != "pipeline":
         raise ValueError(f"model: {model!r} is a {entry.kind}, not a pipeline; load it with its own class")
@@ -333,3 +334,139 @@ def sd15_architecture(inpainting: bool = False) -> Architecture:
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG))
     return Architecture(unet=unet, vae=vae, text_encoder=text_encoder)
+
+
+# --- SD 2.1 and SDXL: what came after SD 1.5, from their published configs -----------------------
+# The fields that shape the networks, transcribed from the diffusers-format config.json files of
+# stabilityai/stable-diffusion-2-1 (unet/, text_encoder/, vae/) and
+# stabilityai/stable-diffusion-xl-base-1.0 (unet/, text_encoder/, text_encoder_2/, vae/). Token ids,
+# dropout and initialisation settings, which change no parameter, are left out. The parameter counts
+# these give are those of the published weights (asserted in tests/test_models.py).
+
+SD21_UNET_CONFIG = {
+    **SD15_UNET_CONFIG,
+    "sample_size": 96,  # 768 px / 8: SD 2.1 (768-v) is trained at 768x768
+    "cross_attention_dim": 1024,  # the width of its OpenCLIP ViT-H text encoder
+    # diffusers' historical name: these are numbers of heads per block, each head 64 wide
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,  # the transformer blocks' proj_in/proj_out are Linear, not 1x1 Conv
+    "upcast_attention": True,  # attention scores in fp32, against fp16 overflow
+}
+
+SD21_VAE_CONFIG = {**SD15_VAE_CONFIG, "sample_size": 768}
+
+# OpenCLIP ViT-H/14's text tower less its last layer: SD 2.x conditions on the penultimate layer's
+# output, so the exported text encoder keeps 23 of the 24 layers.
+SD21_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+}
+
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,  # 1024 px / 8
+    "in_channels": 4,
+    "out_channels": 4,
+    # three levels instead of four, no attention at the highest resolution
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),  # most of the 2.6B parameters sit in the 10-deep level
+    "attention_head_dim": (5, 10, 20),  # numbers of heads again, 64 wide each
+    "cross_attention_dim": 2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG), concatenated
+    "use_linear_projection": True,
+    # micro-conditioning: the pooled bigG text embedding (1280) and six size/crop numbers, each
+    # embedded in 256 sinusoidal features (6 x 256 = 1536), are added to the timestep embedding
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 + 6 x 256
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
+
+# SDXL's VAE has SD's architecture, retrained: a different latent scale, and fp32 decoding advised.
+SDXL_VAE_CONFIG = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+# text_encoder: the same CLIP ViT-L/14 text tower as SD 1.x (CLIPTextModel).
+SDXL_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+}
+
+# text_encoder_2: OpenCLIP ViT-bigG/14's text tower with its projection (CLIPTextModelWithProjection):
+# its pooled, projected 1280-d embedding is the "text_embeds" of the micro-conditioning.
+SDXL_TEXT_ENCODER_2_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 1280,
+}
+
+FAMILIES = ("sd15", "sd21", "sdxl")
+"""The model families whose architectures :func:`family_architecture` builds: SD 1.5, SD 2.1 (768-v), SDXL base 1.0."""
+
+# What each family's UNet is trained to predict (the scheduler's ``prediction_type``).
+PREDICTION_TYPES = {"sd15": "epsilon", "sd21": "v_prediction", "sdxl": "epsilon"}
+
+
+def _check_family(family: object) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"family: {family!r} is not allowed; use one of {', '.join(FAMILIES)}")
+    return family
+
+
+def family_architecture(family: str) -> dict[str, torch.nn.Module]:
+    """The networks of SD 1.5 (``"sd15"``), SD 2.1 (``"sd21"``) or SDXL (``"sdxl"``) on the meta device.
+
+    Keys, in pipeline order: ``"unet"``, ``"text_encoder"``, ``"text_encoder_2"`` (SDXL only) and
+    ``"vae"``. Built inside ``torch.device("meta")``: every parameter and buffer has a shape and no
+    memory, so even SDXL's 2.6B-parameter UNet builds in seconds, offline, and a forward pass on
+    meta tensors checks shapes without computing anything.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    _check_family(family)
+    configs = {
+        "sd15": (SD15_UNET_CONFIG, SD15_TEXT_ENCODER_CONFIG, None, SD15_VAE_CONFIG),
+        "sd21": (SD21_UNET_CONFIG, SD21_TEXT_ENCODER_CONFIG, None, SD21_VAE_CONFIG),
+        "sdxl": (SDXL_UNET_CONFIG, SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG, SDXL_VAE_CONFIG),
+    }
+    unet_config, text_config, text_2_config, vae_config = configs[family]
+    with torch.device("meta"), quiet_libraries():
+        networks = {"unet": UNet2DConditionModel(**unet_config)}
+        networks["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config))
+        if text_2_config is not None:
+            networks["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_2_config))
+        networks["vae"] = AutoencoderKL(**vae_config)
+    return networks
+
+
+def architecture_sizes(family: str) -> dict[str, int]:
+    """Parameter count of each network of ``family`` (see :func:`family_architecture`), without weights."""
+    return {name: count_parameters(module) for name, module in family_architecture(family).items()}

@@ -1,5 +1,6 @@
 """Cross-attention capture: same outputs as diffusers, real probabilities, processors restored."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,64 @@ def test_empty_store_is_a_clear_error():
     from sdhelpers.attention import AttentionStore
     with pytest.raises(ValueError, match="nothing was recorded"):
         AttentionStore().token_maps((8, 8))
+
+
+def test_foreground_mask_finds_the_shape():
+    from sdhelpers.attention import foreground_mask
+    from sdhelpers.data import Scene, render
+
+    scene = Scene("red", "square", "blue", centre=(20.0, 30.0), size=24.0)
+    mask = foreground_mask(render(scene))
+    assert mask.shape == (64, 64) and mask.dtype == bool
+    expected = np.zeros((64, 64), dtype=bool)
+    expected[18:42, 8:32] = True  # rows y 18..42, columns x 8..32
+    assert (mask == expected).mean() > 0.99
+    from PIL import Image
+    assert not foreground_mask(Image.new("RGB", (64, 64), (128, 128, 128))).any()
+    with pytest.raises(TypeError, match="^image"):
+        foreground_mask(np.zeros((64, 64, 3)))
+    with pytest.raises(ValueError, match="^border"):
+        foreground_mask(render(scene), border=0)
+
+
+def test_map_mask_correlation():
+    from sdhelpers.attention import map_mask_correlation
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:32] = True
+    top = torch.zeros(8, 8)
+    top[:4] = 1.0
+    assert map_mask_correlation(top, mask) > 0.95
+    assert map_mask_correlation(1.0 - top, mask) < -0.95
+    assert map_mask_correlation(torch.zeros(8, 8) + torch.arange(8.0)[None], mask) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="^token_map"):
+        map_mask_correlation(torch.zeros(77, 8, 8), mask)
+    with pytest.raises(ValueError, match="constant"):
+        map_mask_correlation(torch.ones(8, 8), mask)
+
+
+def test_trace_unet_follows_the_u(pipe):
+    from sdhelpers.attention import trace_unet
+
+    latents, t, context = unet_inputs(pipe)
+    traces = trace_unet(pipe.unet, latents, t, context)
+    names = [trace.name for trace in traces]
+    assert names == ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1", "conv_out"]
+    assert traces[-1].output == (2, 4, 8, 8)
+    assert [trace.output[-1] for trace in traces[1:3]] == [4, 4]  # the first down block halves 8 -> 4
+    pushed = [shape for trace in traces for shape in trace.skips_out]
+    popped = [shape for trace in traces for shape in trace.skips_in]
+    assert len(pushed) == 1 + 2 + 1  # conv_in, (resnet + downsampler), resnet
+    assert popped == pushed[::-1]  # last in, first out
+    assert not pipe.unet._forward_hooks and all(not b._forward_hooks for b in pipe.unet.down_blocks)
+
+
+def test_trace_unet_on_the_meta_device():
+    from sdhelpers.attention import trace_unet
+    from sdhelpers.models import sd15_architecture
+
+    unet = sd15_architecture().unet
+    meta = dict(device="meta")
+    traces = trace_unet(unet, torch.empty(1, 4, 64, 64, **meta), torch.tensor(1, **meta), torch.empty(1, 77, 768, **meta))
+    assert [t.output[-1] for t in traces if t.name.startswith("down")] == [32, 16, 8, 8]
+    assert sum(len(t.skips_out) for t in traces) == sum(len(t.skips_in) for t in traces) == 12

@@ -108,3 +108,72 @@ def test_missing_folder_like_path_is_not_a_hub_id():
 def test_wrong_type_for_model():
     with pytest.raises(TypeError, match="^model: "):
         models.load_pipeline(3)
+
+
+# --- SD 2.1 and SDXL, built on the meta device -----------------------------------------------------
+# The parameter counts of the published weights of stabilityai/stable-diffusion-2-1 and
+# stabilityai/stable-diffusion-xl-base-1.0.
+FAMILY_SIZES = {
+    "sd15": SD15_SIZES,
+    "sd21": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
+    "sdxl": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+             "vae": 83_653_863},
+}
+
+
+@pytest.fixture(scope="module")
+def families():
+    return {family: models.family_architecture(family) for family in models.FAMILIES}
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_family_sizes_are_exact(families, family):
+    counts = {name: models.count_parameters(module) for name, module in families[family].items()}
+    assert counts == FAMILY_SIZES[family]
+    assert list(counts) == list(FAMILY_SIZES[family])  # pipeline order
+
+
+def test_architecture_sizes_counts_the_same(families):
+    assert models.architecture_sizes("sd21") == FAMILY_SIZES["sd21"]
+
+
+def test_families_are_built_on_meta_with_buffers(families):
+    for networks in families.values():
+        for module in networks.values():
+            tensors = list(module.parameters()) + list(module.buffers())
+            assert {t.device.type for t in tensors} == {"meta"}
+
+
+def test_sd21_and_sdxl_attention_heads_are_64_wide(families):
+    for family in ("sd21", "sdxl"):
+        for block in families[family]["unet"].down_blocks:
+            for transformer in getattr(block, "attentions", []):
+                attention = transformer.transformer_blocks[0].attn1
+                assert attention.inner_dim // attention.heads == 64
+
+
+def test_sdxl_micro_conditioning_width(families):
+    unet = families["sdxl"]["unet"]
+    pooled = families["sdxl"]["text_encoder_2"].config.projection_dim
+    assert unet.add_embedding.linear_1.in_features == pooled + 6 * unet.config.addition_time_embed_dim == 2816
+    assert unet.config.cross_attention_dim == (
+        families["sdxl"]["text_encoder"].config.hidden_size + families["sdxl"]["text_encoder_2"].config.hidden_size
+    )
+    depths = [len(block.attentions[0].transformer_blocks) for block in unet.down_blocks if hasattr(block, "attentions")]
+    assert depths == [2, 10]
+
+
+def test_sd21_text_encoder_is_openclip_h_less_one_layer(families):
+    config = families["sd21"]["text_encoder"].config
+    assert (config.hidden_size, config.num_hidden_layers, config.hidden_act) == (1024, 23, "gelu")
+    assert families["sd21"]["unet"].config.cross_attention_dim == config.hidden_size
+
+
+def test_prediction_types_cover_the_families():
+    assert set(models.PREDICTION_TYPES) == set(models.FAMILIES)
+    assert models.PREDICTION_TYPES["sd21"] == "v_prediction"
+
+
+def test_unknown_family_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"^family: 'sd3' is not allowed; use one of sd15, sd21, sdxl$"):
+        models.family_architecture("sd3")
