@@ -98,6 +98,18 @@ def _caption_dropout(training: dict[str, Any]) -> float:
     return PRESETS[training.get("preset") or "tinysd"].caption_dropout
 
 
+def _low_guidance_text(quality: dict[str, Any]) -> str:
+    low = quality.get("low_guidance")
+    if not low:
+        return ""
+    train, held = low["train"], low["held_out"]
+    return (f"At guidance {low['guidance_scale']} (same prompts and seeds): training compositions colour "
+            f"{100 * train['colour']:.1f}%, shape {100 * train['shape']:.1f}%, both {100 * train['both']:.1f}%; "
+            f"held-out compositions both {100 * held['both']:.1f}%. Guidance multiplies everything the prompt "
+            "changes in the UNet's prediction, including what a shape word wrongly implies about colour (a "
+            "triangle was never green in training), so held-out compositions are drawn best at a low scale.\n")
+
+
 def render_model_card(training: dict[str, Any], quality: dict[str, Any]) -> str:
     """The model card's Markdown text."""
     settings = quality["settings"]
@@ -168,6 +180,7 @@ held-out ones, one image each, {settings['steps']} {settings['scheduler']} steps
 In detail: training compositions colour {100 * train['colour']:.1f}%, shape {100 * train['shape']:.1f}%,
 background {100 * train['background']:.1f}%, all three {100 * train['all']:.1f}%; held-out compositions
 colour {100 * held['colour']:.1f}%, shape {100 * held['shape']:.1f}%, both {100 * held['both']:.1f}%.
+{_low_guidance_text(quality)}
 Speed measured on {quality['hardware']} ({quality['threads']} threads), batch 1, median of
 {quality['speed_repeats']} runs after a warm-up.
 
