@@ -402,15 +402,7 @@ SDXL_VAE_CONFIG = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.1
 
 # text_encoder: the same CLIP ViT-L/14 text tower as SD 1.x (CLIPTextModel).
 SDXL_TEXT_ENCODER_CONFIG = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "projection_dim": 768,
+    k: v for k, v in SD15_TEXT_ENCODER_CONFIG.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")
 }
 
 # text_encoder_2: OpenCLIP ViT-bigG/14's text tower with its projection (CLIPTextModelWithProjection):
