@@ -42,8 +42,13 @@ __all__ = [
     "resize_mask",
     "blur_mask",
     "dilate_mask",
+    "mask_distance",
+    "paste_back",
+    "seam_energy",
     "psnr",
+    "enlarge",
     "zoom",
+    "blob_sketch",
 ]
 
 Image = PIL.Image.Image
@@ -498,6 +503,104 @@ def dilate_mask(mask: Image | np.ndarray | torch.Tensor, pixels: int) -> Image:
     return image
 
 
+def _binary_mask(mask: object, name: str = "mask") -> np.ndarray:
+    """A mask as a bool (H, W) array, True = repaint (value >= 0.5, the rule of :func:`binarize_mask`)."""
+    return _mask_values(mask, name) >= 0.5
+
+
+def _chebyshev_distance(seeds: np.ndarray) -> np.ndarray:
+    """Steps of 8-neighbour growth from the True pixels of ``seeds`` to every pixel (0 on the seeds)."""
+    distance = np.where(seeds, 0, -1)
+    reached, step = seeds.copy(), 0
+    while not reached.all():
+        step += 1
+        padded = np.pad(reached, 1)
+        h, w = reached.shape
+        grown = np.zeros_like(reached)
+        for dy in range(3):
+            for dx in range(3):
+                grown |= padded[dy : dy + h, dx : dx + w]
+        distance[grown & ~reached] = step
+        reached = grown
+    return distance
+
+
+def mask_distance(mask: Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """How far each pixel lies from the repaint region, in pixels, as an int (H, W) array.
+
+    0 inside the repaint region (mask value >= 0.5, as in :func:`binarize_mask`), 1 for the
+    kept pixels touching it (also diagonally), 2 for the next ring, and so on: the chessboard
+    (Chebyshev) distance, the distance that :func:`dilate_mask` grows by. Handy to measure how
+    an inpainting result changes the kept pixels near the border versus far from it.
+    ValueError if the mask has no repaint pixel.
+    """
+    repaint = _binary_mask(mask)
+    if not repaint.any():
+        raise ValueError("mask: has no repaint pixel (no value >= 0.5), so there is no region to measure from")
+    return _chebyshev_distance(repaint)
+
+
+def paste_back(original: Image, generated: Image, mask: Image | np.ndarray | torch.Tensor,
+               feather: float = 0.0) -> Image:
+    """Put ``original``'s pixels back outside the mask, keeping ``generated`` inside it.
+
+    Latent inpainting regenerates *every* pixel through the VAE decoder, so even the kept
+    region comes back slightly changed; pasting the original back makes it exact. The
+    weight of ``generated`` is ``w = clip(2 * blur(mask, feather) - 1, 0, 1)`` (the mask
+    binarised at 0.5, then :func:`blur_mask`): 0 everywhere outside the mask, so the kept
+    pixels are *exactly* ``original``'s, rising to 1 inside the mask over about
+    ``2 * feather`` pixels, which softens the seam where the two images meet. ``feather=0``
+    is a hard paste (what diffusers' ``VaeImageProcessor.apply_overlay`` does with a binary
+    mask). Each pixel is ``round(w * generated + (1 - w) * original)``, in RGB.
+    The three inputs must have one size.
+    """
+    _check_image(original, "original")
+    _check_image(generated, "generated")
+    if not isinstance(feather, (int, float)) or isinstance(feather, bool) or not feather >= 0:
+        raise ValueError(f"feather: expected a number >= 0, got {feather!r}")
+    repaint = _binary_mask(mask)
+    size = (repaint.shape[1], repaint.shape[0])
+    for name, image in (("original", original), ("generated", generated)):
+        if image.size != size:
+            raise ValueError(f"{name}: size {image.size[0]}x{image.size[1]} differs from the mask's {size[0]}x{size[1]}")
+    weight = repaint.astype(np.float64)
+    if feather > 0:
+        blurred = np.asarray(blur_mask(repaint.astype(np.uint8) * 255, feather), dtype=np.float64) / 255.0
+        weight = np.clip(2.0 * blurred - 1.0, 0.0, 1.0) * repaint
+    weight = weight[..., None]
+    mixed = weight * np.asarray(to_rgb(generated), dtype=np.float64) + (1 - weight) * np.asarray(to_rgb(original), dtype=np.float64)
+    return PIL.Image.fromarray(np.round(mixed).astype(np.uint8))
+
+
+def seam_energy(image: Image, mask: Image | np.ndarray | torch.Tensor, width: int = 2) -> float:
+    """How sharp the edges are along the mask's border: the mean squared colour gradient there.
+
+    The band is every pixel within ``width`` pixels of the border, on both sides (kept pixels
+    at :func:`mask_distance` 1..width, repaint pixels as close to a kept one). At each pixel
+    the gradient is the forward difference to the right and downwards neighbour, squared and
+    summed over R, G, B (8-bit units). A hard seam (a step in colour along the border) scores
+    high; the same step spread over ``n`` pixels scores about ``n`` times lower, so feathering
+    a seam lowers the number while a smooth image scores near 0. Compare values for one
+    image and mask only: the image's own edges inside the band count too.
+    """
+    _check_image(image, "image")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"width: expected an integer >= 1, got {width!r}")
+    repaint = _binary_mask(mask)
+    if image.size != (repaint.shape[1], repaint.shape[0]):
+        raise ValueError(f"image: size {image.size[0]}x{image.size[1]} differs from the mask's "
+                         f"{repaint.shape[1]}x{repaint.shape[0]}")
+    if repaint.all() or not repaint.any():
+        raise ValueError("mask: needs both repaint (>= 0.5) and keep pixels to have a border")
+    outside, inside = _chebyshev_distance(repaint), _chebyshev_distance(~repaint)
+    band = ((outside >= 1) & (outside <= width)) | ((inside >= 1) & (inside <= width))
+    rgb = np.asarray(to_rgb(image), dtype=np.float64)
+    gx, gy = np.zeros_like(rgb), np.zeros_like(rgb)
+    gx[:, :-1] = rgb[:, 1:] - rgb[:, :-1]
+    gy[:-1] = rgb[1:] - rgb[:-1]
+    return float((gx**2 + gy**2).sum(axis=-1)[band].mean())
+
+
 # --------------------------------------------------------------------------- metrics and detail
 
 
@@ -549,6 +652,16 @@ def psnr(a: object, b: object, data_range: float | None = None) -> float:
     return 10.0 * math.log10(data_range**2 / mse)
 
 
+def enlarge(image: Image, scale: int = 2) -> Image:
+    """The whole image ``scale`` times larger with NEAREST: 64×64 pixels stay visible squares.
+
+    The book's figures show TinySD's 64×64 images this way; a smoothing resize would hide exactly
+    the pixel-level detail (edges, seams, decoder artefacts) the chapters point at.
+    """
+    _check_image(image, "image")
+    return zoom(image, (0, 0, image.width, image.height), scale)
+
+
 def zoom(image: Image, box: tuple[int, int, int, int], scale: int = 4) -> Image:
     """Crop ``box`` out of ``image`` and enlarge it ``scale`` times with NEAREST.
 
@@ -564,3 +677,63 @@ def zoom(image: Image, box: tuple[int, int, int, int], scale: int = 4) -> Image:
         raise ValueError(f"box: {box!r} goes outside the {image.width}x{image.height} image")
     detail = image.crop((left, top, right, bottom))
     return detail.resize((detail.width * scale, detail.height * scale), PIL.Image.Resampling.NEAREST)
+
+
+# --------------------------------------------------------------------------- sketches
+
+
+def blob_sketch(
+    size: tuple[int, int] = (64, 64),
+    colour: tuple[int, int, int] = (230, 30, 30),
+    background: tuple[int, int, int] = (30, 80, 230),
+    centre: tuple[float, float] | None = None,
+    radius: float | None = None,
+    wobble: float = 0.35,
+    corners: int = 9,
+    seed: int = 0,
+) -> Image:
+    """A crude "hand-drawn" colour-block sketch: one irregular blob of ``colour`` on a plain ``background``.
+
+    The kind of input image-to-image (SDEdit) cleans up: the layout and the colours are right, the
+    shape is not. The blob is a polygon of ``corners`` points around ``centre`` (default: the image's
+    middle); point ``k`` sits at angle ``2*pi*k/corners`` (plus a jitter of up to a third of the
+    spacing) and at distance ``radius * (1 + wobble * u)`` with ``u`` uniform in [-1, 1]. ``radius``
+    defaults to a quarter of the shorter side. Drawn without anti-aliasing, so every pixel is exactly
+    ``colour`` or ``background``. The same ``seed`` gives the same blob.
+    """
+    width, height = _check_size(size)
+    colour, background = _check_colour(colour, "colour"), _check_colour(background, "background")
+    cx, cy = (width / 2, height / 2) if centre is None else _check_point(centre)
+    radius = min(width, height) / 4 if radius is None else radius
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
+        raise ValueError(f"radius: expected a positive number of pixels, got {radius!r}")
+    if isinstance(wobble, bool) or not isinstance(wobble, (int, float)) or not 0 <= wobble < 1:
+        raise ValueError(f"wobble: expected a number in [0, 1), got {wobble!r}")
+    if isinstance(corners, bool) or not isinstance(corners, int) or corners < 3:
+        raise ValueError(f"corners: expected an integer >= 3, got {corners!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    rng = np.random.default_rng(seed)
+    step = 2 * math.pi / corners
+    angles = step * np.arange(corners) + rng.uniform(-step / 3, step / 3, corners)
+    radii = radius * (1 + wobble * rng.uniform(-1, 1, corners))
+    points = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii)]
+    sketch = PIL.Image.new("RGB", (width, height), background)
+    ImageDraw.Draw(sketch).polygon(points, fill=colour)
+    return sketch
+
+
+def _check_colour(value: object, name: str) -> tuple[int, int, int]:
+    try:
+        return _check_background(value)
+    except ValueError:
+        raise ValueError(f"{name}: expected 3 integers in [0, 255] (an RGB colour), got {value!r}") from None
+
+
+def _check_point(point: object) -> tuple[float, float]:
+    ok = isinstance(point, (tuple, list)) and len(point) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in point
+    )
+    if not ok:
+        raise ValueError(f"centre: expected (x, y) as two numbers of pixels, got {point!r}")
+    return float(point[0]), float(point[1])

@@ -105,9 +105,13 @@ def _low_guidance_text(quality: dict[str, Any]) -> str:
     train, held = low["train"], low["held_out"]
     return (f"At guidance {low['guidance_scale']} (same prompts and seeds): training compositions colour "
             f"{100 * train['colour']:.1f}%, shape {100 * train['shape']:.1f}%, both {100 * train['both']:.1f}%; "
-            f"held-out compositions both {100 * held['both']:.1f}%. Guidance multiplies everything the prompt "
-            "changes in the UNet's prediction, including what a shape word wrongly implies about colour (a "
-            "triangle was never green in training), so held-out compositions are drawn best at a low scale.\n")
+            f"held-out compositions both {100 * held['both']:.1f}%. This is the scale the book uses with TinySD "
+            "(`sdhelpers.models.TINYSD_GUIDANCE`). Guidance multiplies the difference between the prediction "
+            "with the prompt and without it; in TinySD's small 8×8×4 latent that difference is large (the empty "
+            "prompt says nothing about colour or background), so at 7.5 the sampled latents overshoot far "
+            "beyond those of real images and the decoder answers with wrong colours. Guidance also amplifies "
+            "what a shape word wrongly implies about colour (a triangle was never green in training), so "
+            "held-out compositions are drawn best at a low scale.\n")
 
 
 def render_model_card(training: dict[str, Any], quality: dict[str, Any]) -> str:
@@ -157,7 +161,8 @@ classifier-free guidance, and an EMA of the weights. Seed {training['seed']}.
 
 {_stage_rows(training)}
 
-Total: {training['total_seconds'] / 60:.1f} minutes on {training['hardware']}, {training['threads']} threads.
+Total: {training['total_seconds'] / 60:.1f} minutes on {training['hardware']}, {training['threads']} threads
+(the sum of the stages' recorded seconds; a machine shared with other work takes longer).
 The shipped folder is rebuilt from nothing by:
 
 ```bash

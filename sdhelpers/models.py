@@ -23,6 +23,13 @@ from sdhelpers.device import get_device, get_dtype
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_DIR = PACKAGE_DIR / "tokenizer"
 TINYSD_DIR = PACKAGE_DIR / "tinysd"
+TINYSD_GUIDANCE = 3.0
+"""The guidance scale the book uses with TinySD, where SD 1.5's default is 7.5.
+
+Measured (its model card): at 3.0 TinySD draws the asked colour and shape 94% of the time on training
+compositions; at 7.5 guidance drives its 8×8×4 latents far outside the range of real images (std
+about 1.8 instead of 1) and the decoder answers with the wrong colours. Chapter 5 shows the effect.
+"""
 TASKS = ("txt2img", "img2img", "inpaint")
 
 

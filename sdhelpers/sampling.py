@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -70,8 +71,9 @@ def encode_prompt(pipe, prompt, negative_prompt=None, num_images_per_prompt: int
 def predict_noise(pipe, latents, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
     """One UNet call with classifier-free guidance: ``uncond + g * (cond - uncond)``.
 
-    Both halves go through the UNet as one doubled batch, as in diffusers; with ``g <= 1`` the
-    unconditional half is skipped, since the formula then needs only the conditional prediction.
+    Both halves go through the UNet as one doubled batch, as in diffusers. With ``g <= 1`` diffusers
+    turns guidance off and uses the conditional prediction alone, and so does this function: exact
+    for ``g = 1`` (the formula gives ``cond``), and for ``g < 1`` the value of ``g`` is then ignored.
     """
     guided = guidance_scale > 1
     model_input = torch.cat([latents] * 2) if guided else latents
@@ -130,16 +132,13 @@ def img2img(pipe, prompt, image, strength: float = 0.8, negative_prompt=None, st
             output_type="pil"):
     """SDEdit: noise the image's latent to the level ``strength`` asks for, then denoise from there.
 
-    Only the last ``int(steps * strength)`` steps of the schedule run. Noise is added even at
-    ``strength=1.0``, so the image still leaks through a little. Same as ``StableDiffusionImg2ImgPipeline``.
+    Only the last ``int(steps * strength)`` steps of the schedule run (PNDM: one UNet call more, see
+    :func:`strength_timesteps`). Noise is added even at ``strength=1.0``, so the image still leaks
+    through a little. Same as ``StableDiffusionImg2ImgPipeline``.
     """
-    init_image = pipe.image_processor.preprocess(to_rgb(image))
     cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
-    timesteps = strength_timesteps(pipe.scheduler, steps, strength, pipe.device)
-    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(cond.shape[0], 0)
-    noise = randn_tensor(image_latents.shape, generator=generator, device=pipe.device, dtype=cond.dtype)
-    latents = pipe.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(cond.shape[0]))
-    latents = denoise(pipe, latents, timesteps, cond, uncond, guidance_scale, generator, callback=callback)
+    start = sdedit_start(pipe, image, strength, steps, generator, batch=cond.shape[0])
+    latents = denoise(pipe, start.latents, start.timesteps, cond, uncond, guidance_scale, generator, callback=callback)
     return decode(pipe, latents, output_type)
 
 
@@ -155,16 +154,11 @@ def inpaint(pipe, prompt, image, mask, strength: float = 1.0, negative_prompt=No
     """
     image = to_rgb(image)
     mask = resize_mask(mask, image.size)  # stated rule: a mask of another size is resized with NEAREST
-    init_image = pipe.image_processor.preprocess(image)
-    latent_mask = latent_mask_from(pipe, mask, init_image.shape[-2:])
     cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
-    timesteps = strength_timesteps(pipe.scheduler, steps, strength, pipe.device)
-    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(cond.shape[0], 0)
-    noise = randn_tensor(image_latents.shape, generator=generator, device=pipe.device, dtype=cond.dtype)
-    if strength == 1.0:
-        latents = noise * pipe.scheduler.init_noise_sigma
-    else:
-        latents = pipe.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(cond.shape[0]))
+    start = sdedit_start(pipe, image, strength, steps, generator, batch=cond.shape[0])
+    image_latents, noise, timesteps = start.image_latents, start.noise, start.timesteps
+    latent_mask = latent_mask_from(pipe, mask, [n * pipe.vae_scale_factor for n in image_latents.shape[-2:]])
+    latents = noise * pipe.scheduler.init_noise_sigma if strength == 1.0 else start.latents
 
     def keep_outside_mask(i, t, latents):
         known = image_latents
@@ -186,12 +180,79 @@ def encode_image(pipe, image: torch.Tensor, generator=None) -> torch.Tensor:
     return posterior.sample(generator) * pipe.vae.config.scaling_factor
 
 
+@dataclass
+class SDEditStart:
+    """Where image-to-image starts: see :func:`sdedit_start`."""
+
+    image_latents: torch.Tensor  # the image's latent, one copy per image to generate
+    noise: torch.Tensor  # the Gaussian noise added to it
+    timesteps: torch.Tensor  # the tail of the schedule that remains to run
+    latents: torch.Tensor  # image_latents noised to the level of timesteps[0]: the first latent
+
+
+def sdedit_start(pipe, image, strength: float, steps: int, generator=None, batch: int = 1) -> SDEditStart:
+    """SDEdit's first latent: the image's latent plus noise at the level of the first remaining step.
+
+    ``latents = sqrt(abar_t) * image_latents + sqrt(1 - abar_t) * noise`` with ``t = timesteps[0]``
+    (``scheduler.add_noise``): the forward diffusion done in one jump, instead of txt2img's pure noise.
+    The generator is drawn from in the pipeline's order (the VAE's posterior sample, then the noise),
+    so the result is ``StableDiffusionImg2ImgPipeline.prepare_latents``'s.
+    """
+    init_image = pipe.image_processor.preprocess(to_rgb(image))
+    timesteps = strength_timesteps(pipe.scheduler, steps, strength, pipe.device)
+    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(_positive_int(batch, "batch"), 0)
+    noise = randn_tensor(image_latents.shape, generator=generator, device=pipe.device, dtype=image_latents.dtype)
+    latents = pipe.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+    return SDEditStart(image_latents, noise, timesteps, latents)
+
+
+class Trajectory:
+    """A per-step callback that keeps every intermediate latent (a CPU copy), to look at afterwards.
+
+    Pass it as ``callback=`` to the loops here, or its :meth:`on_step_end` as a diffusers pipeline's
+    ``callback_on_step_end=``. Either way it is called once per entry of the schedule, i.e. once per
+    UNet call, so ``len(trajectory)`` counts the denoising steps that really ran.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.timesteps: list[int] = []
+        self.latents: list[torch.Tensor] = []
+
+    def __call__(self, i: int, t, latents: torch.Tensor) -> None:
+        self.steps.append(int(i))
+        self.timesteps.append(int(t))
+        self.latents.append(latents.detach().to("cpu", copy=True))
+
+    def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
+        """The ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` form diffusers calls."""
+        self(i, t, callback_kwargs["latents"])
+        return callback_kwargs
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def previews(self, pipe, index: int = 0, every: int = 1) -> list[Image.Image]:
+        """Image ``index`` of the batch decoded by the VAE after every ``every``-th step and after the last."""
+        _positive_int(every, "every")
+        if not self.latents:
+            raise ValueError("trajectory: no step was recorded; pass it as a callback to a sampler first")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.latents[0].shape[0]:
+            raise ValueError(f"index: {index!r} is not allowed; use 0 to {self.latents[0].shape[0] - 1}")
+        picked = sorted(set(range(every - 1, len(self), every)) | {len(self) - 1})
+        batch = torch.cat([self.latents[k][index : index + 1] for k in picked]).to(pipe.device, pipe.vae.dtype)
+        return decode(pipe, batch)
+
+
 def strength_timesteps(scheduler, steps: int, strength: float, device) -> torch.Tensor:
     """The tail of the schedule that img2img and inpainting run: ``int(steps * strength)`` steps.
 
     As in diffusers, the scheduler is first set up for all ``steps``, and the first
-    ``steps - int(steps * strength)`` are skipped (for PNDM the list has one extra entry: its first
-    step is repeated, so the UNet runs once more than the number of steps).
+    ``(steps - int(steps * strength)) * scheduler.order`` entries are skipped; the UNet then runs once
+    per remaining entry. PNDM (``skip_prk_steps``) is the exception to "one entry per step": its full
+    list has ``steps + 1`` entries, the second timestep repeated for the PLMS warm-up, so its tail has
+    ``int(steps * strength) + 1`` entries (the UNet runs once more) and starts one schedule level
+    earlier, i.e. noisier, than DDIM's for the same ``strength``.
     """
     _positive_int(steps, "steps")
     if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:

@@ -213,16 +213,17 @@ TINYSD_RECIPE = Recipe(
     text_config=TINYSD_TEXT_CONFIG,
     image_tower_config=TINYSD_IMAGE_TOWER_CONFIG,
     unet_config=TINYSD_UNET_CONFIG,
-    vae=StageSettings(steps=1600, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=200),
-    clip=StageSettings(steps=200, batch_size=128, learning_rate=2e-3, warmup_steps=20, weight_decay=0.01,
+    vae=StageSettings(steps=2000, batch_size=16, learning_rate=1e-3, warmup_steps=50, checkpoint_every=200),
+    clip=StageSettings(steps=300, batch_size=128, learning_rate=2e-3, warmup_steps=30, weight_decay=0.01,
                        checkpoint_every=100),
-    unet=StageSettings(steps=2400, batch_size=64, learning_rate=1e-3, warmup_steps=200, weight_decay=0.01,
-                       ema_decay=0.999, dataset_size=20_000, checkpoint_every=200),
+    unet=StageSettings(steps=4000, batch_size=64, learning_rate=1e-3, warmup_steps=200, weight_decay=0.01,
+                       ema_decay=0.999, dataset_size=20_000, checkpoint_every=250),
 )
-"""The recipe of the shipped TinySD, sized for about 45 minutes on two CPU cores.
+"""The recipe of the shipped TinySD: about an hour on two CPU cores.
 
-Measured per step on two shared cores: VAE 0.46 s (batch 16), CLIP 0.63 s (batch 128),
-UNet 0.5-0.75 s (batch 64), plus about 2 minutes to encode the 20,000 cached latents.
+Measured per step on two cores: VAE 0.47-0.63 s (batch 16), CLIP 0.63-0.85 s (batch 128),
+UNet 0.55 s (batch 64) when the cores are free, plus about 2 minutes to encode the 20,000 cached
+latents. The shipped run recorded 80 minutes on a machine shared with other work (its model card).
 """
 
 SMOKE_RECIPE = Recipe(

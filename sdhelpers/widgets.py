@@ -13,7 +13,16 @@ import ipywidgets as widgets
 from PIL import Image
 
 from sdhelpers.device import Timer, make_generator
+from sdhelpers.models import TINYSD_GUIDANCE, quiet_libraries
 from sdhelpers.sampling import SCHEDULERS, use_scheduler
+
+
+def _working_copy(pipe, pipeline_class):
+    """A pipeline of ``pipeline_class`` sharing ``pipe``'s weights, quiet (no progress bar, no load chatter)."""
+    with quiet_libraries():
+        work = pipeline_class.from_pipe(pipe)
+    work.set_progress_bar_config(disable=True)
+    return work
 
 
 def _png(image: Image.Image, scale: int = 4) -> bytes:
@@ -40,45 +49,59 @@ def _explorer(controls: dict[str, widgets.Widget], generate) -> widgets.Box:
     return widgets.HBox([widgets.VBox([*controls.values(), status]), picture])
 
 
-def _common_controls(prompt: str, seed: int) -> dict[str, widgets.Widget]:
+def _common_controls(prompt: str, seed: int, scheduler: str, steps: int,
+                     guidance_scale: float) -> dict[str, widgets.Widget]:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not 1 <= guidance_scale <= 15:
+        raise ValueError(f"guidance_scale: {guidance_scale!r} is not allowed; use a number from 1 to 15 (the slider's range)")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler: {scheduler!r} is not a known scheduler; use one of {', '.join(SCHEDULERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 50:
+        raise ValueError(f"steps: {steps!r} is not allowed; use an integer from 1 to 50 (the slider's range)")
     style = {"description_width": "80px"}
     return {
         "prompt": widgets.Text(value=prompt, description="prompt", continuous_update=False, style=style,
                                layout=widgets.Layout(width="420px")),
-        "guidance_scale": widgets.FloatSlider(value=7.5, min=1.0, max=15.0, step=0.5, description="guidance",
+        "guidance_scale": widgets.FloatSlider(value=guidance_scale, min=1.0, max=15.0, step=0.5, description="guidance",
                                               continuous_update=False, style=style),
-        "steps": widgets.IntSlider(value=25, min=1, max=50, description="steps", continuous_update=False, style=style),
+        "steps": widgets.IntSlider(value=steps, min=1, max=50, description="steps", continuous_update=False, style=style),
         "seed": widgets.IntText(value=seed, description="seed", style=style),
-        "scheduler": widgets.Dropdown(options=list(SCHEDULERS), value="pndm", description="scheduler", style=style),
+        "scheduler": widgets.Dropdown(options=list(SCHEDULERS), value=scheduler, description="scheduler", style=style),
     }
 
 
-def txt2img_explorer(pipe, prompt: str = "a red circle on a blue background", seed: int = 0) -> widgets.Box:
+def txt2img_explorer(pipe, prompt: str = "a red circle on a blue background", seed: int = 0,
+                     scheduler: str = "pndm", steps: int = 25, guidance_scale: float = TINYSD_GUIDANCE) -> widgets.Box:
     """Prompt, guidance scale, steps, seed and scheduler, regenerating on every change.
+
+    ``scheduler`` (a name of :data:`~sdhelpers.sampling.SCHEDULERS`), ``steps`` and ``guidance_scale``
+    (TinySD's 3.0 by default; SD 1.5's is 7.5) set the controls' starting values; the first image is rendered at once, so a saved notebook shows it.
 
     It works on a copy of ``pipe`` that shares its weights, so swapping the scheduler here leaves
     the reader's pipeline as it was.
     """
     from diffusers import StableDiffusionPipeline
 
-    work = StableDiffusionPipeline.from_pipe(pipe)
+    work = _working_copy(pipe, StableDiffusionPipeline)
 
     def generate(prompt, guidance_scale, steps, seed, scheduler):
         use_scheduler(work, scheduler)
         generator = make_generator(seed, work.device)
         return work(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
 
-    return _explorer(_common_controls(prompt, seed), generate)
+    return _explorer(_common_controls(prompt, seed, scheduler, steps, guidance_scale), generate)
 
 
 def img2img_explorer(pipe, image: Image.Image, prompt: str = "a red circle on a blue background",
-                     seed: int = 0) -> widgets.Box:
+                     seed: int = 0, scheduler: str = "pndm", steps: int = 25,
+                     strength: float = 0.6, guidance_scale: float = TINYSD_GUIDANCE) -> widgets.Box:
     """The same controls plus a ``strength`` slider: how much noise is added to ``image`` before denoising."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    work = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    controls = _common_controls(prompt, seed)
-    controls["strength"] = widgets.FloatSlider(value=0.6, min=0.05, max=1.0, step=0.05, description="strength",
+    work = _working_copy(pipe, StableDiffusionImg2ImgPipeline)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.05 <= strength <= 1.0:
+        raise ValueError(f"strength: {strength!r} is not allowed; use a number from 0.05 to 1 (the slider's range)")
+    controls = _common_controls(prompt, seed, scheduler, steps, guidance_scale)
+    controls["strength"] = widgets.FloatSlider(value=strength, min=0.05, max=1.0, step=0.05, description="strength",
                                                continuous_update=False, style={"description_width": "80px"})
 
     def generate(prompt, guidance_scale, steps, seed, scheduler, strength):

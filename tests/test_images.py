@@ -543,3 +543,137 @@ def test_zoom():
         im.zoom(image, (5, 5, 11, 8))
     with pytest.raises(ValueError, match="scale"):
         im.zoom(image, (0, 0, 2, 2), scale=0)
+
+
+# --------------------------------------------------------------------------- blob_sketch
+
+
+def test_blob_sketch_draws_one_blob_of_two_exact_colours():
+    sketch = im.blob_sketch((64, 48), colour=(230, 30, 30), background=(30, 80, 230), seed=3)
+    assert sketch.mode == "RGB" and sketch.size == (64, 48)
+    colours = {c for _, c in sketch.getcolors(64 * 48)}
+    assert colours == {(230, 30, 30), (30, 80, 230)}  # no anti-aliasing: a crude colour block
+    assert pixel(sketch, (32, 24)) == (230, 30, 30)  # the centre is inside the blob
+    assert pixel(sketch, (0, 0)) == (30, 80, 230)
+
+
+def test_blob_sketch_follows_centre_radius_and_seed():
+    sketch = im.blob_sketch(centre=(16, 48), radius=10, wobble=0.2, seed=1)
+    red = np.all(np.asarray(sketch) == (230, 30, 30), axis=-1)
+    ys, xs = np.nonzero(red)
+    assert abs(xs.mean() - 16) < 3 and abs(ys.mean() - 48) < 3
+    assert xs.max() - xs.min() <= 2 * 10 * 1.2 + 1  # no point further than radius * (1 + wobble)
+    assert 0.4 * math.pi * 100 < red.sum() < 1.3 * math.pi * 144
+    assert np.array_equal(np.asarray(im.blob_sketch(seed=5)), np.asarray(im.blob_sketch(seed=5)))
+    assert not np.array_equal(np.asarray(im.blob_sketch(seed=5)), np.asarray(im.blob_sketch(seed=6)))
+    round_blob = np.all(np.asarray(im.blob_sketch(radius=12, wobble=0)) == (230, 30, 30), axis=-1)
+    assert abs(round_blob.sum() - math.pi * 144) < 0.15 * math.pi * 144  # wobble 0: a regular polygon
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(size=(0, 8)), "^size: "),
+        (dict(colour=(300, 0, 0)), "^colour: "),
+        (dict(background="blue"), "^background: "),
+        (dict(centre=(1,)), "^centre: "),
+        (dict(radius=0), "^radius: "),
+        (dict(wobble=1.0), "^wobble: "),
+        (dict(corners=2), "^corners: "),
+        (dict(seed=1.5), "^seed: "),
+    ],
+)
+def test_blob_sketch_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        im.blob_sketch(**kwargs)
+
+
+# --------------------------------------------------------------------------- inpainting border: distance, paste-back, seam
+
+
+def test_mask_distance_is_the_chessboard_distance_to_the_repaint_region():
+    mask = im.box_mask((10, 8), (3, 2, 5, 4))  # repaint columns 3-4, rows 2-3
+    distance = im.mask_distance(mask)
+    assert distance.shape == (8, 10)
+    rows, cols = np.mgrid[:8, :10]
+    expected = np.maximum(np.maximum(3 - cols, cols - 4).clip(0), np.maximum(2 - rows, rows - 3).clip(0))
+    assert np.array_equal(distance, expected)
+    # one dilation step reaches exactly the pixels at distance <= 1
+    grown = np.asarray(im.dilate_mask(mask, 1)) > 127
+    assert np.array_equal(grown, distance <= 1)
+
+
+def test_mask_distance_needs_a_repaint_pixel():
+    with pytest.raises(ValueError, match="^mask: has no repaint pixel"):
+        im.mask_distance(PIL.Image.new("L", (4, 4), 127))
+
+
+def test_paste_back_hard_keeps_original_outside_and_generated_inside():
+    original, generated = random_rgb(16, 16, seed=1), random_rgb(16, 16, seed=2)
+    mask = im.ellipse_mask((16, 16), (3, 3, 13, 13))
+    out = np.asarray(im.paste_back(original, generated, mask))
+    repaint = np.asarray(mask) >= 128
+    assert np.array_equal(out[~repaint], np.asarray(original)[~repaint])
+    assert np.array_equal(out[repaint], np.asarray(generated)[repaint])
+    # a binary mask gives what diffusers' apply_overlay gives
+    overlay = VaeImageProcessor().apply_overlay(mask, original, generated)
+    assert np.array_equal(out, np.asarray(overlay))
+
+
+def test_paste_back_feather_ramps_inside_the_mask_only():
+    original = PIL.Image.new("RGB", (32, 32), (0, 0, 0))
+    generated = PIL.Image.new("RGB", (32, 32), (200, 200, 200))
+    mask = im.box_mask((32, 32), (8, 8, 24, 24))
+    out = np.asarray(im.paste_back(original, generated, mask, feather=2))[..., 0]
+    repaint = np.asarray(mask) >= 128
+    assert (out[~repaint] == 0).all()  # kept pixels untouched
+    assert out[16, 16] == 200  # deep inside: fully generated
+    row = out[16, 8:16]  # from the border towards the centre
+    assert (np.diff(row.astype(int)) >= 0).all() and row[0] < 100  # a ramp, starting low
+
+
+def test_paste_back_errors():
+    a, b = random_rgb(8, 8), random_rgb(8, 8)
+    mask = im.box_mask((8, 8), (2, 2, 6, 6))
+    with pytest.raises(ValueError, match="^generated: size 16x8 differs"):
+        im.paste_back(a, random_rgb(16, 8), mask)
+    with pytest.raises(ValueError, match="^feather: expected a number >= 0, got -1"):
+        im.paste_back(a, b, mask, feather=-1)
+    with pytest.raises(TypeError, match="^original: expected a PIL.Image.Image"):
+        im.paste_back(np.zeros((8, 8, 3)), b, mask)
+
+
+def test_seam_energy_falls_when_a_step_is_feathered():
+    original = PIL.Image.new("RGB", (32, 32), (0, 0, 0))
+    generated = PIL.Image.new("RGB", (32, 32), (120, 60, 30))
+    mask = im.box_mask((32, 32), (8, 8, 24, 24))
+    hard = im.seam_energy(im.paste_back(original, generated, mask), mask, width=4)
+    soft = im.seam_energy(im.paste_back(original, generated, mask, feather=2), mask, width=4)
+    flat = im.seam_energy(generated, mask, width=4)
+    assert flat == 0.0 and 0 < soft < hard / 2
+    # the hard step: 16 pixels per side carry (120^2+60^2+30^2) each, over the 4-pixel band on both sides
+    band = 32 * 32 - 16 * 16 + 16 * 16 - 8 * 8 - (32 * 32 - 24 * 24)  # kept ring (4 px) + repaint ring (4 px)
+    step = 120**2 + 60**2 + 30**2
+    assert hard == pytest.approx(4 * 16 * step / band)
+
+
+def test_seam_energy_errors():
+    image = random_rgb(8, 8)
+    with pytest.raises(ValueError, match="^mask: needs both repaint"):
+        im.seam_energy(image, PIL.Image.new("L", (8, 8), 255))
+    with pytest.raises(ValueError, match="^width: expected an integer >= 1"):
+        im.seam_energy(image, im.box_mask((8, 8), (2, 2, 6, 6)), width=0)
+    with pytest.raises(ValueError, match="^image: size 8x8 differs"):
+        im.seam_energy(image, im.box_mask((16, 8), (2, 2, 6, 6)))
+
+
+def test_enlarge_repeats_each_pixel_as_a_square():
+    from sdhelpers.images import enlarge
+
+    image = PIL.Image.new("RGB", (2, 1))
+    image.putpixel((1, 0), (255, 0, 0))
+    big = enlarge(image, 3)
+    assert big.size == (6, 3)
+    assert big.getpixel((2, 2)) == (0, 0, 0) and big.getpixel((3, 0)) == (255, 0, 0)
+    with pytest.raises(ValueError, match="scale"):
+        enlarge(image, 0)

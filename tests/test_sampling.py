@@ -191,3 +191,52 @@ def test_use_scheduler_keeps_the_training_schedule(pipes):
     sampling.use_scheduler(pipe, "pndm")
     with pytest.raises(ValueError, match="^name: 'magic'"):
         sampling.use_scheduler(pipe, "magic")
+
+
+# --- SDEdit's start, the step count rule, the trajectory collector -------------------------------
+
+def test_sdedit_start_is_the_image_latent_plus_noise(pipes):
+    pipe = with_scheduler(pipes["img2img"], "ddim")
+    start = sampling.sdedit_start(pipe, source_image(), strength=0.5, steps=10, generator=gen(4), batch=2)
+    assert start.latents.shape == start.image_latents.shape == start.noise.shape == (2, 4, 8, 8)
+    assert start.timesteps.tolist() == pipe.scheduler.timesteps[5:].tolist()
+    abar = pipe.scheduler.alphas_cumprod[int(start.timesteps[0])]
+    by_hand = abar.sqrt() * start.image_latents + (1 - abar).sqrt() * start.noise
+    assert torch.allclose(start.latents, by_hand, atol=1e-6)
+    known = sampling.encode_image(pipe, pipe.image_processor.preprocess(source_image()), gen(4))
+    assert torch.allclose(start.image_latents[1], known[0])  # the generator is drawn in the pipeline's order
+    with pytest.raises(ValueError, match="^batch: "):
+        sampling.sdedit_start(pipe, source_image(), 0.5, 10, batch=0)
+
+
+@pytest.mark.parametrize("kind, extra", [("ddim", 0), ("pndm", 1)])
+@pytest.mark.parametrize("strength", [0.3, 0.55, 1.0])
+def test_unet_calls_are_int_steps_times_strength_plus_pndm_warmup(pipes, kind, extra, strength):
+    pipe = with_scheduler(pipes["img2img"], kind)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        trajectory = sampling.Trajectory()
+        pipe("x", image=source_image(), strength=strength, num_inference_steps=10, generator=gen(),
+             output_type="latent", callback_on_step_end=trajectory.on_step_end)
+    finally:
+        hook.remove()
+    assert len(calls) == len(trajectory) == int(10 * strength) + extra
+    assert len(sampling.strength_timesteps(pipe.scheduler, 10, strength, "cpu")) == int(10 * strength) + extra
+
+
+def test_trajectory_records_every_step_and_decodes_previews(pipes):
+    pipe = with_scheduler(pipes["txt2img"], "ddim")
+    trajectory = sampling.Trajectory()
+    final = sampling.txt2img(pipe, PROMPTS, steps=5, height=SIZE, width=SIZE, generator=gen(),
+                             callback=trajectory, output_type="latent")
+    assert trajectory.steps == [0, 1, 2, 3, 4]
+    assert trajectory.timesteps == pipe.scheduler.timesteps.tolist()
+    assert torch.equal(trajectory.latents[-1], final) and trajectory.latents[0].shape == (2, 4, 8, 8)
+    previews = trajectory.previews(pipe, index=1, every=2)  # after steps 2, 4 and the last (5)
+    assert [p.size for p in previews] == [(SIZE, SIZE)] * 3
+    assert np.array_equal(np.asarray(previews[-1]), np.asarray(sampling.decode(pipe, final)[1]))
+    with pytest.raises(ValueError, match="^index: 2 "):
+        trajectory.previews(pipe, index=2)
+    with pytest.raises(ValueError, match="^trajectory: no step"):
+        sampling.Trajectory().previews(pipe)

@@ -46,3 +46,50 @@ def test_img2img_explorer_has_a_strength_slider(pipe):
     strength.value = 0.05  # int(4 * 0.05) == 0 steps: the input image is shown unchanged
     assert picture.value != before
     assert Image.open(io.BytesIO(picture.value)).resize((16, 16), 0).getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_explorers_start_from_the_given_settings(pipe):
+    box = txt2img_explorer(pipe, scheduler="ddim", steps=3)
+    controls, picture = parts(box)
+    values = {c.description: c.value for c in controls if hasattr(c, "description") and c.description}
+    assert values["scheduler"] == "ddim" and values["steps"] == 3
+    assert picture.value  # the first image is rendered on creation
+    source = Image.new("RGB", (16, 16), (20, 200, 30))
+    controls, _ = parts(img2img_explorer(pipe, source, scheduler="ddim", steps=4, strength=0.5))
+    assert next(c for c in controls if c.description == "strength").value == 0.5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheduler="magic"), "^scheduler: 'magic'"),
+    (dict(steps=0), "^steps: 0"),
+    (dict(steps=51), "^steps: 51"),
+])
+def test_explorer_settings_are_checked(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        txt2img_explorer(pipe, **kwargs)
+
+
+def test_img2img_explorer_strength_is_checked(pipe):
+    with pytest.raises(ValueError, match="^strength: 0"):
+        img2img_explorer(pipe, Image.new("RGB", (16, 16)), strength=0)
+
+
+def test_explorers_print_nothing(pipe, capfd):
+    """No progress bar and no load-time chatter from the working copy end up under the notebook cell."""
+    capfd.readouterr()
+    txt2img_explorer(pipe, steps=2)
+    img2img_explorer(pipe, Image.new("RGB", (16, 16)), steps=2)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_explorer_guidance_starts_at_tinysd_scale_and_is_checked(tiny_pipeline_dir):
+    from sdhelpers.models import TINYSD_GUIDANCE, load_pipeline
+    from sdhelpers.widgets import txt2img_explorer
+
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    box = txt2img_explorer(pipe, steps=1)
+    sliders = [w for w in box.children[0].children if getattr(w, "description", "") == "guidance"]
+    assert sliders and sliders[0].value == TINYSD_GUIDANCE
+    with pytest.raises(ValueError, match="guidance_scale"):
+        txt2img_explorer(pipe, steps=1, guidance_scale=20.0)
