@@ -577,6 +577,17 @@ def _stage_info(stage: str, recipe: Recipe, seed: int, config: dict[str, Any], e
     }))
 
 
+def _prepare_stage(stage: str, recipe: Recipe, seed: Any, steps: int | None, batch_size: int | None):
+    """What every stage starts with: the checked seed, the recipe with this call's overrides, the
+    stage's settings and an accelerator they have been checked against."""
+    seed = _check_seed(seed)
+    recipe = recipe.with_stage(stage, steps=steps, batch_size=batch_size)
+    settings = recipe.stage(stage)
+    accelerator = _make_accelerator()
+    _check_settings(settings, accelerator.num_processes)
+    return seed, recipe, settings, accelerator
+
+
 def _default_dataset(settings: StageSettings, seed: int, dataset: Any) -> Any:
     if dataset is not None:
         return _check_dataset(dataset)
@@ -631,11 +642,7 @@ def train_vae(
     progress: bool = True,
 ) -> StageResult:
     """Stage 1: train the VAE on shapes-world images; the finished model goes to ``work/vae/final``."""
-    seed = _check_seed(seed)
-    recipe = recipe.with_stage("vae", steps=steps, batch_size=batch_size)
-    settings = recipe.vae
-    accelerator = _make_accelerator()
-    _check_settings(settings, accelerator.num_processes)
+    seed, recipe, settings, accelerator = _prepare_stage("vae", recipe, seed, steps, batch_size)
     data = _default_dataset(settings, seed, dataset)
     work = Path(work)
     _seed_init(seed, "vae")
@@ -750,11 +757,7 @@ def train_clip(
     With several processes each computes InfoNCE over its own share of the batch (no all-gather):
     simpler, and the shapes world has few enough captions that a share still holds most of them.
     """
-    seed = _check_seed(seed)
-    recipe = recipe.with_stage("clip", steps=steps, batch_size=batch_size)
-    settings = recipe.clip
-    accelerator = _make_accelerator()
-    _check_settings(settings, accelerator.num_processes)
+    seed, recipe, settings, accelerator = _prepare_stage("clip", recipe, seed, steps, batch_size)
     data = _default_dataset(settings, seed, dataset)
     work = Path(work)
     tokens = _TokenCache(load_tokenizer())
@@ -924,11 +927,7 @@ def train_unet(
     """
     from diffusers import DDPMScheduler
 
-    seed = _check_seed(seed)
-    recipe = recipe.with_stage("unet", steps=steps, batch_size=batch_size)
-    settings = recipe.unet
-    accelerator = _make_accelerator()
-    _check_settings(settings, accelerator.num_processes)
+    seed, recipe, settings, accelerator = _prepare_stage("unet", recipe, seed, steps, batch_size)
     if recipe.unet_config["cross_attention_dim"] != text_encoder.config.hidden_size:
         raise ValueError(
             f"recipe: the UNet's cross_attention_dim ({recipe.unet_config['cross_attention_dim']}) must equal the "
