@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WIDGETS_STAMP := book/node_modules/.installed
 
-.PHONY: help venv book test unit nbval browser lab execute bench tinysd clean
+.PHONY: help venv book test test-latest unit nbval browser lab execute bench tinysd clean
 
 help:
 	@echo "make book     build the HTML book into book/_build/html (offline, from stored outputs)"
 	@echo "make test     unit tests, nbval on every notebook, the book build and the browser check"
+	@echo "make test-latest  the whole suite in .venv-latest, on the newest releases (one line per chapter)"
 	@echo "make lab      open the notebooks in JupyterLab"
 	@echo "make execute  re-execute every notebook in place (the only way stored outputs change)"
 	@echo "make bench    print the side-by-side CPU benchmark table (sdhelpers.bench)"
@@ -45,6 +46,12 @@ browser: book
 
 test: book
 	$(BIN)/python -m pytest
+
+# The upgrade check: newest releases of requirements.txt's first block in .venv-latest.
+# TORCH_INDEX=<url> takes torch from a CPU wheel index instead of pip's default.
+test-latest: $(WIDGETS_STAMP)
+	rm -rf book/_build
+	TORCH_INDEX=$(TORCH_INDEX) $(PYTHON) tests/latest.py
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks

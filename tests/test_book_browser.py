@@ -45,6 +45,8 @@ BUILD_HINT = "the book is not built: run `make book` first (`make test` does it)
 # a folder under the usual roots of checkouts, homes and scratch space, an installed package's
 # folder, or this checkout's own absolute path (wherever it lives).
 TRACEBACK = "Traceback (most recent call last)"
+# nbval's comment markers (# NBVAL_SKIP, ...) are test machinery; cells carry tags instead.
+TEST_MARKER = "NBVAL"
 MACHINE_ROOTS = ("work", "root", "tmp", "home", "Users", "opt", "mnt", "srv", "var")
 MACHINE_PATH = re.compile(
     "|".join(
@@ -377,6 +379,8 @@ def test_page_reads_well_in_a_browser(browser, book_url: str, page: str) -> None
     text = browser.execute_script(VISIBLE_TEXT_JS)
     if TRACEBACK in text:
         problems.append(f"the page shows a traceback: {TRACEBACK!r}")
+    if TEST_MARKER in text or TEST_MARKER in browser.page_source:
+        problems.append(f"the page shows test machinery: {TEST_MARKER!r} (use nbval's cell tags)")
     paths = sorted(set(MACHINE_PATH.findall(text)))
     if paths:
         excerpt = [" ".join(text[max(0, m.start() - 40): m.end() + 40].split()) for m in MACHINE_PATH.finditer(text)][:3]

@@ -27,8 +27,8 @@ parts:
 FIRST_CELLS = [
     ("md", "# The first chapter\n\nSome text."),
     ("code", "import math\n\n# What we verified: pi, rounded.\nassert round(math.pi, 2) == 3.14\nassert 1 + 1 == 2"),
-    ("code", "# NBVAL_IGNORE_OUTPUT\n%matplotlib inline\nx = [1, 2]\nassert x == [\n    1,\n    2,\n], \"two items\""),
-    ("code", "# NBVAL_SKIP\nassert torch.cuda.is_available()"),
+    ("code", "%matplotlib inline\nx = [1, 2]\nassert x == [\n    1,\n    2,\n], \"two items\""),
+    ("code", "assert torch.cuda.is_available()", ["nbval-skip"]),
     ("code", "def check(v):\n    # a helper's own check\n    assert v > 0\n\ncheck(1)"),
     ("md", "```python\nassert 'in markdown' == 'not a claim'\n```"),
 ]
@@ -36,9 +36,12 @@ FIRST_CELLS = [
 
 def write_notebook(path: Path, cells) -> None:
     nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in cells
-    ]
+    nb.cells = []
+    for kind, src, *tags in cells:
+        cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+        if tags:
+            cell.metadata["tags"] = tags[0]
+        nb.cells.append(cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
 
@@ -64,7 +67,7 @@ def test_toc_files_in_reading_order():
 
 
 def test_asserts_with_their_comments():
-    found = claims.asserts_in("# What we verified: pi.\nassert a == 1\n\nassert b, 'msg'\n# NBVAL_IGNORE_OUTPUT\nassert c")
+    found = claims.asserts_in("# What we verified: pi.\nassert a == 1\n\nassert b, 'msg'\n# noqa: E501\nassert c")
     assert [(c.statement, c.comment) for c in found] == [
         ("assert a == 1", "What we verified: pi."),
         ("assert b, 'msg'", ""),

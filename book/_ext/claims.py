@@ -31,10 +31,8 @@ INTRO = (
     "`assert` in the notebook, if there is one, follows it."
 )
 # Comments that steer the tools, not the reader.
-TOOL_COMMENT = re.compile(r"^\s*#\s*(NBVAL_|noqa|type:|pragma|fmt:)", re.IGNORECASE)
+TOOL_COMMENT = re.compile(r"^\s*#\s*(noqa|type:|pragma|fmt:)", re.IGNORECASE)
 MAGIC_LINE = re.compile(r"^\s*[%!]")
-# A cell nbval doesn't run proves nothing: it is left out.
-NBVAL_SKIP = re.compile(r"^\s*#\s*NBVAL_SKIP\s*$", re.MULTILINE)
 
 
 @dataclass
@@ -127,9 +125,8 @@ def notebook_title(cells: list[dict], fallback: str) -> str:
 
 
 def _skipped(cell: dict) -> bool:
-    """Whether nbval skips the cell (a ``# NBVAL_SKIP`` line or an ``nbval-skip`` tag)."""
-    tags = cell.get("metadata", {}).get("tags", [])
-    return "nbval-skip" in tags or bool(NBVAL_SKIP.search(_source(cell)))
+    """Whether nbval skips the cell (its ``nbval-skip`` tag): a claim it never runs proves nothing."""
+    return "nbval-skip" in cell.get("metadata", {}).get("tags", [])
 
 
 def _source(cell: dict) -> str:
