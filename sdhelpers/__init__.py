@@ -1,22 +1,40 @@
 """sdhelpers: the tested helper package of the book "Stable Diffusion from the inside".
 
-One module per concept, imported explicitly by the chapters:
+One module per concept, imported explicitly by the chapters.
+
+Running models:
 
 - ``sdhelpers.device``: device and dtype choice, seeding, memory and timing (the GPU utilities).
-- ``sdhelpers.images``: PIL <-> tensors, grids, latent views, masks, PSNR.
-- ``sdhelpers.models``: the model registry, the offline CLIP tokenizer, ``load_pipeline``, SD 1.5's architecture.
+- ``sdhelpers.libraries``: library versions, and silencing their chatter.
+- ``sdhelpers.checks``: the argument checks every public function runs once, at its entrance.
+- ``sdhelpers.models``: the model registry, the offline CLIP tokenizer, ``load_pipeline``.
+- ``sdhelpers.architectures``: SD 1.5, SD 2.1, SDXL and TinySD from their configs, built on the meta device.
+- ``sdhelpers.gpu``: speed and memory presets, OOM advice.
+- ``sdhelpers.bench`` and ``sdhelpers.bench_report``: the benchmark harness (``python -m sdhelpers.bench``)
+  and its stored runs.
+
+Pictures and prompts:
+
+- ``sdhelpers.images``: PIL <-> tensors, grids, latent views, PSNR; ``sdhelpers.masks``: inpainting masks.
 - ``sdhelpers.data``: the synthetic shapes world TinySD is trained on.
-- ``sdhelpers.evaluate``: a pixel-level judge of prompt adherence; grading a pipeline (``python -m sdhelpers.evaluate``).
-- ``sdhelpers.model_card``: TinySD's model card, rendered from measured figures.
+- ``sdhelpers.evaluate``: a pixel-level judge of prompt adherence, the networks' metrics, grading a
+  pipeline (``python -m sdhelpers.evaluate``).
 - ``sdhelpers.clip``: zero-shot classification and similarity matrices with the mini CLIP.
-- ``sdhelpers.finetune``: decoder-only VAE fine-tuning, the sd-vae-ft-mse recipe.
-- ``sdhelpers.loop``: the source's UNet training loop as small readable steps.
 - ``sdhelpers.sampling``: txt2img, img2img and inpainting written out by hand, equal to diffusers.
 - ``sdhelpers.attention``: cross-attention maps and a trace of the UNet's blocks.
 - ``sdhelpers.widgets``: live ipywidgets explorers.
-- ``sdhelpers.gpu``: speed and memory presets, OOM advice.
-- ``sdhelpers.bench``: the benchmark harness (``python -m sdhelpers.bench``).
-- ``sdhelpers.train``: training the VAE, the mini CLIP and the UNet (``python -m sdhelpers.train``).
+
+Training:
+
+- ``sdhelpers.recipe``: TinySD's training recipe.
+- ``sdhelpers.objectives``: the VAE, contrastive CLIP and noise-prediction losses.
+- ``sdhelpers.latents``: the latent cache the UNet trains on.
+- ``sdhelpers.fit``: the one training loop, its optimiser and its checkpoint format.
+- ``sdhelpers.loop``: the source's UNet training loop as small readable steps.
+- ``sdhelpers.finetune``: decoder-only VAE fine-tuning, the sd-vae-ft-mse recipe.
+- ``sdhelpers.train``: the three stages and ``python -m sdhelpers.train``; ``sdhelpers.export``: the
+  pipeline folder it writes; ``sdhelpers.checkpoint``: atomic safetensors files.
+- ``sdhelpers.model_card``: TinySD's model card, rendered from measured figures.
 
 Importing the package itself is cheap: it loads no deep-learning library.
 """

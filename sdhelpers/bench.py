@@ -35,10 +35,10 @@ GPU runner: the book's stored results are made on a GPU with (one command per dt
 
     python -m sdhelpers.bench --model sd15-arch --size 512 --steps 50 --batch 1 \\
         --preset default,fast,low-memory,lowest-memory --dtype float16 \\
-        --json book/results/bench_sd15_512_fp16.json --markdown book/results/bench_sd15_512_fp16.md
+        --json sdhelpers/bench_results/bench_sd15_512_fp16.json --markdown sdhelpers/bench_results/bench_sd15_512_fp16.md
     python -m sdhelpers.bench --model sd15-arch --size 512 --steps 50 --batch 1 \\
         --preset default,fast,low-memory,lowest-memory --dtype bfloat16 \\
-        --json book/results/bench_sd15_512_bf16.json --markdown book/results/bench_sd15_512_bf16.md
+        --json sdhelpers/bench_results/bench_sd15_512_bf16.json --markdown sdhelpers/bench_results/bench_sd15_512_bf16.md
 
 Each takes a few minutes on an A100 or H100: "fast" spends about a minute compiling in its
 warm-up, and "lowest-memory" (sequential offload) is the slowest to run, since every layer's
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -67,20 +66,17 @@ from sdhelpers.gpu import (
     COMPILE_MODES,
     PRESETS,
     PresetError,
-    apply_preset,
+    apply_checked_preset,
+    compile_mode,
     check_preset,
     explain_oom,
     free_memory,
 )
-from sdhelpers.models import (
-    SD15_TEXT_ENCODER_CONFIG,
-    SD15_UNET_CONFIG,
-    SD15_VAE_CONFIG,
-    ModelUnavailableError,
-    assemble_pipeline,
-    load_pipeline,
-    quiet_libraries,
-)
+from sdhelpers import checks
+from sdhelpers.architectures import build_networks
+from sdhelpers.bench_report import peak_memory_gib, to_markdown
+from sdhelpers.libraries import library_versions, quiet_libraries
+from sdhelpers.models import ModelUnavailableError, assemble_pipeline, load_pipeline
 
 MODELS = ("tinysd", "sd15-arch")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -114,15 +110,9 @@ def build_sd15_arch_pipeline(device: str | torch.device = "cpu", seed: int = 0):
     fraction of one on a GPU); ``"meta"`` builds it without memory. The weights are fp32;
     :func:`sdhelpers.gpu.apply_preset` casts them.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
-    with quiet_libraries(), torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
-        vae = AutoencoderKL(**SD15_VAE_CONFIG).eval()
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)).eval()
-    return assemble_pipeline(vae, text_encoder, unet)
+    networks = {name: net.eval() for name, net in build_networks("sd15", device=device).items()}
+    return assemble_pipeline(networks["vae"], networks["text_encoder"], networks["unet"])
 
 
 def load_tinysd(device: str | torch.device = "cpu"):
@@ -148,11 +138,6 @@ class BenchSettings:
     dtype: str | None = None  # None: each preset's own choice (see sdhelpers.gpu.check_preset)
     compile: bool | str = COMPILE_MODE
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_settings(self.size, self.steps, self.batch, self.repeats, self.guidance)
-        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype: {self.dtype!r} is not allowed; use one of {', '.join(DTYPE_NAMES)}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -252,8 +237,9 @@ def measure_preset(load: Loader, model: str, preset_name: str, settings: BenchSe
     """
     row = _empty_row(model, preset_name, settings)
     try:
-        device, _, _ = check_preset(preset_name, device=settings.device, dtype=settings.torch_dtype,
-                                    compile=settings.compile)
+        checked = check_preset(preset_name, device=settings.device, dtype=settings.torch_dtype,
+                               compile=settings.compile)
+        device = checked[0]
     except PresetError as exc:
         row["status"] = "n/a: " + "; ".join(exc.reasons)
         return row
@@ -266,8 +252,7 @@ def measure_preset(load: Loader, model: str, preset_name: str, settings: BenchSe
                 pipe = load(torch.device("cpu") if offloads else device)
                 pipe.set_progress_bar_config(disable=True)
                 with Timer(device) as apply_timer:
-                    report = apply_preset(pipe, preset_name, device=device, dtype=settings.torch_dtype,
-                                          compile=settings.compile)
+                    report = apply_checked_preset(pipe, preset_name, *checked)
             with Timer(device) as warmup_timer:
                 _call(pipe, settings)
             free_memory()
@@ -312,11 +297,6 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def peak_memory_gib(row: dict) -> float | None:
-    """The memory that matters, in GiB: CUDA peak allocated on a GPU, else the process's peak RSS."""
-    return row["peak_allocated_gib"] if row["peak_allocated_gib"] is not None else row["peak_rss_gib"]
-
-
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Fill ``ratio_vs_default`` (it/s and peak memory over the same model's ``"default"`` row) in place."""
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -350,20 +330,6 @@ def default_work(model: str, device: torch.device) -> tuple[int, int]:
     return DEFAULT_WORK.get(model, DEFAULT_WORK["tinysd"])["cpu" if device.type == "cpu" else "gpu"]
 
 
-def library_versions() -> dict[str, str | None]:
-    import accelerate
-    import diffusers
-    import transformers
-
-    import sdhelpers
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__, "sdhelpers": sdhelpers.__version__,
-    }
-
-
 def run_benchmark(
     models: Sequence[str] = MODELS,
     presets: Sequence[str] = PRESETS,
@@ -387,13 +353,16 @@ def run_benchmark(
     """
     loaders = LOADERS if loaders is None else loaders
     dev = get_device(device)
-    unknown = [m for m in models if m not in loaders]
-    if unknown:
-        raise ValueError(f"model: {unknown[0]!r} is not allowed; use {', '.join(loaders)}")
-    bad = [p for p in presets if p not in PRESETS]
-    if bad:
-        raise ValueError(f"preset: {bad[0]!r} is not a preset; allowed: {', '.join(PRESETS)}")
+    for model in models:
+        checks.choice(model, tuple(loaders), "model")
+    for name in presets:
+        checks.choice(name, PRESETS, "preset")
+    if dtype is not None:
+        checks.choice(dtype, tuple(DTYPE_NAMES), "dtype")
+    compile_mode(compile)
     repeats = repeats if repeats is not None else (2 if dev.type == "cpu" else 3)
+    # what was given is checked; what wasn't comes from DEFAULT_WORK, valid by construction
+    check_settings(64 if size is None else size, 25 if steps is None else steps, batch, repeats, guidance)
     settings_by_model = {}
     for model in models:
         model_size, model_steps = default_work(model, dev)
@@ -423,60 +392,11 @@ def run_benchmark(
     }
 
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "book" / "results"
-"""Where the book keeps benchmark runs made on a GPU (``--json book/results/...``)."""
-
-
-def load_results(folder: str | Path | None = None) -> dict[str, dict]:
-    """The stored benchmark runs (file stem → JSON document), in name order; empty if there are none."""
-    folder = RESULTS_DIR if folder is None else Path(folder)
-    if not folder.is_dir():
-        return {}
-    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
-
-
-def _num(value: float | None, fmt: str = ".2f") -> str:
-    return "–" if value is None else format(value, fmt)
-
-
-def _ratio(row: dict, key: str) -> str:
-    ratio = row["ratio_vs_default"]
-    return "–" if not ratio or ratio.get(key) is None else f"{ratio[key]:.2f}×"
-
-
-def _memory(row: dict) -> str:
-    if row["peak_allocated_gib"] is not None:
-        return f"{row['peak_allocated_gib']:.2f} alloc / {row['peak_reserved_gib']:.2f} reserved"
-    return "–" if row["peak_rss_gib"] is None else f"{row['peak_rss_gib']:.2f} RSS"
-
-
-def to_markdown(doc: dict) -> str:
-    """The run as Markdown: hardware and settings, one table row per model and preset, skipped models."""
-    args = doc["arguments"]
-    lines = [
-        f"**Hardware:** {doc['hardware']}",
-        "",
-        f"**Run:** dtype {args['dtype'] or 'per preset (fp16 on a GPU, fp32 on a CPU)'}, guidance {args['guidance']}, "
-        f"{args['repeats']} timed call(s) after 1 warm-up, {args['threads']} CPU thread(s). "
-        "it/s: denoising-loop iterations per second; s/image: the whole call; memory: peak of the timed calls.",
-        "",
-        "| model | size | steps | batch | preset | it/s | s/image | peak memory (GiB) | load s | warm-up s "
-        "| it/s vs default | memory vs default | status |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for row in doc["results"]:
-        lines.append(
-            f"| {row['model']} | {row['size']} | {row['steps']} | {row['batch']} | {row['preset']} "
-            f"| {_num(row['it_per_s'])} | {_num(row['s_per_image'])} | {_memory(row)} | {_num(row['load_s'], '.1f')} "
-            f"| {_num(row['warmup_s'], '.1f')} | {_ratio(row, 'it_per_s')} | {_ratio(row, 'peak_memory')} "
-            f"| {row['status'].replace('|', '/')} |"
-        )
-    for item in doc["skipped"]:
-        lines += ["", f"{item['model']}: skipped: {item['reason']}"]
-    return "\n".join(lines) + "\n"
-
-
 # --- command line ----------------------------------------------------------------------------------
+
+OPTIONS = {"compile": "--compile-mode"}
+"""The command-line option of each argument of :func:`run_benchmark` whose name differs from it."""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line: ``bench: error: --size: ...``."""
@@ -513,64 +433,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split(values: list[str] | None, allowed: Sequence[str], option: str) -> list[str]:
-    """``--x a,b --x c`` -> ``[a, b, c]``, each checked against ``allowed``; None -> all of them."""
+def _names(values: list[str] | None, every: Sequence[str]) -> list[str]:
+    """``--x a,b --x c`` -> ``[a, b, c]``; None -> all of ``every`` (run_benchmark checks the names)."""
     if not values:
-        return list(allowed)
-    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
-    for name in names:
-        if name not in allowed:
-            raise ValueError(f"{option}: {name!r} is not allowed; use {', '.join(allowed)}")
-    if not names:
-        raise ValueError(f"{option}: nothing given; use {', '.join(allowed)}")
-    return list(dict.fromkeys(names))
+        return list(every)
+    return list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> dict:
-    """Parse and check the command line; every problem exits with one line (status 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        models = _split(args.model, MODELS, "--model")
-        presets = _split(args.preset, PRESETS, "--preset")
-        device = get_device(args.device)
-        if args.dtype is not None and args.dtype not in DTYPE_NAMES:
-            raise ValueError(f"--dtype: {args.dtype!r} is not allowed; use float16, bfloat16 or float32")
-        if args.compile_mode not in (*COMPILE_MODES, "none"):
-            raise ValueError(f"--compile-mode: {args.compile_mode!r} is not allowed; use {', '.join(COMPILE_MODES)} or none")
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads: {args.threads} is not allowed; use 1 or more")
-        # check what was given; what wasn't comes from DEFAULT_WORK, valid by construction
-        check_settings(
-            64 if args.size is None else args.size, 25 if args.steps is None else args.steps,
-            args.batch, 1 if args.repeats is None else args.repeats, args.guidance,
-        )
-    except ValueError as exc:
-        message = str(exc)
-        parser.error(message if message.startswith("-") else "--" + message)
+    """The command line as :func:`run_benchmark`'s arguments (it checks them), plus the outputs."""
+    args = build_parser().parse_args(argv)
     return {
-        "models": models, "presets": presets, "device": device,
-        "dtype": str(DTYPE_NAMES[args.dtype]).removeprefix("torch.") if args.dtype else None,
-        "size": args.size, "steps": args.steps, "batch": args.batch, "guidance": args.guidance,
-        "repeats": args.repeats, "compile": False if args.compile_mode == "none" else args.compile_mode,
-        "seed": args.seed, "threads": args.threads, "json": args.json, "markdown": args.markdown,
+        "models": _names(args.model, MODELS), "presets": _names(args.preset, PRESETS), "device": args.device,
+        "dtype": args.dtype, "size": args.size, "steps": args.steps, "batch": args.batch,
+        "guidance": args.guidance, "repeats": args.repeats,
+        "compile": False if args.compile_mode == "none" else args.compile_mode, "seed": args.seed,
+        "threads": args.threads, "json": args.json, "markdown": args.markdown,
     }
 
 
 def main(argv: Sequence[str] | None = None, loaders: dict[str, Loader] | None = None) -> int:
-    """``python -m sdhelpers.bench``: print the Markdown table, optionally write it and the JSON."""
+    """``python -m sdhelpers.bench``: print the Markdown table, optionally write it and the JSON.
+
+    Every bad argument ends the run at once with one line naming the option (status 2).
+    """
     opts = parse_args(argv)
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+    run = {k: v for k, v in opts.items() if k not in ("models", "presets", "threads", "json", "markdown")}
 
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
-    doc = run_benchmark(
-        opts["models"], opts["presets"], device=opts["device"], dtype=opts["dtype"], size=opts["size"],
-        steps=opts["steps"], batch=opts["batch"], guidance=opts["guidance"], repeats=opts["repeats"],
-        compile=opts["compile"], seed=opts["seed"], loaders=loaders, log=log,
-    )
+    try:
+        if opts["threads"] is not None:
+            torch.set_num_threads(checks.positive_int(opts["threads"], "threads"))
+        doc = run_benchmark(opts["models"], opts["presets"], loaders=loaders, log=log, **run)
+    except ValueError as exc:  # run_benchmark checks its arguments before any work
+        name, _, problem = str(exc).partition(":")
+        build_parser().error(f"{OPTIONS.get(name, '--' + name)}:{problem}")
     table = to_markdown(doc)
     print(table, end="")
     if opts["markdown"]:

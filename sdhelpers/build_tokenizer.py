@@ -1,4 +1,4 @@
-"""Rebuild the CLIP tokenizer files shipped in ``sdhelpers/tokenizer/``.
+"""Rebuild the CLIP tokenizer files shipped in ``sdhelpers/tinysd/tokenizer/``.
 
 Stable Diffusion 1.x tokenizes prompts with the byte-level BPE of OpenAI's CLIP
 (``openai/clip-vit-large-patch14``): 49,408 tokens, ``<|startoftext|>`` = 49406,
@@ -28,7 +28,7 @@ from pathlib import Path
 OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # 48,894: what CLIP's 49,408-token vocabulary uses
-TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tinysd" / "tokenizer"
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -1,7 +1,7 @@
 """Using a contrastively trained CLIP: similarity matrices and zero-shot classification.
 
 CLIP learns one embedding space for images and texts: a matching image–caption pair has a high
-cosine similarity, a mismatched one a low similarity (:class:`sdhelpers.train.ContrastiveCLIP`
+cosine similarity, a mismatched one a low similarity (:class:`sdhelpers.objectives.ContrastiveCLIP`
 is the book's mini version). Two uses follow directly:
 
 - a **similarity matrix**, images × captions, whose diagonal should stand out;
@@ -82,11 +82,9 @@ def _check_texts(texts: Any, name: str) -> list[str]:
 
 
 def _tokenize(texts: Sequence[str], tokenizer=None) -> torch.Tensor:
-    from sdhelpers.models import load_tokenizer
+    from sdhelpers.models import load_tokenizer, tokenize
 
-    tokenizer = tokenizer or load_tokenizer()
-    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenize(tokenizer or load_tokenizer(), texts)
 
 
 @torch.no_grad()

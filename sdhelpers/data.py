@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from sdhelpers import checks
 from sdhelpers.images import pil_to_tensor
 
 IMAGE_SIZE = 64
@@ -91,16 +92,8 @@ CAPTION_TEMPLATE = "a {colour} {shape} on a {background} background"
 _CAPTION_RE = re.compile(r"an? (?P<colour>[a-z]+) (?P<shape>[a-z]+) on an? (?P<background>[a-z]+) background")
 
 
-def _check_name(value: Any, allowed: dict | tuple, argument: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{argument}: {value!r} is not known; allowed: {', '.join(allowed)}")
-    return value
-
-
 def _check_split(split: Any) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split: {split!r} is not known; allowed: {', '.join(SPLITS)}")
-    return split
+    return checks.choice(split, SPLITS, "split")
 
 
 @dataclass(frozen=True)
@@ -119,9 +112,9 @@ class Scene:
     size: float = 32.0
 
     def __post_init__(self) -> None:
-        _check_name(self.colour, COLOURS, "colour")
-        _check_name(self.shape, SHAPES, "shape")
-        _check_name(self.background, BACKGROUNDS, "background")
+        checks.choice(self.colour, tuple(COLOURS), "colour")
+        checks.choice(self.shape, tuple(SHAPES), "shape")
+        checks.choice(self.background, tuple(BACKGROUNDS), "background")
         if self.colour == self.background:
             raise ValueError(
                 f"background: {self.background!r} equals colour {self.colour!r}; a shape never has its background's colour"
@@ -143,9 +136,9 @@ class Scene:
 
 def caption(colour: str, shape: str, background: str) -> str:
     """The one caption template of the world, e.g. ``"a red circle on a blue background"``."""
-    _check_name(colour, COLOURS, "colour")
-    _check_name(shape, SHAPES, "shape")
-    _check_name(background, BACKGROUNDS, "background")
+    checks.choice(colour, tuple(COLOURS), "colour")
+    checks.choice(shape, tuple(SHAPES), "shape")
+    checks.choice(background, tuple(BACKGROUNDS), "background")
     return CAPTION_TEMPLATE.format(colour=colour, shape=shape, background=background)
 
 
@@ -170,8 +163,8 @@ def parse_caption(text: str) -> Scene | None:
 
 def is_held_out(colour: str, shape: str) -> bool:
     """Whether this colour×shape pair is kept out of training (see :data:`HELD_OUT`)."""
-    _check_name(colour, COLOURS, "colour")
-    _check_name(shape, SHAPES, "shape")
+    checks.choice(colour, tuple(COLOURS), "colour")
+    checks.choice(shape, tuple(SHAPES), "shape")
     return (colour, shape) in HELD_OUT
 
 
@@ -260,14 +253,8 @@ def render(scene: Scene) -> Image.Image:
 
 def make_image(seed: int, split: str = "train") -> Image.Image:
     """The image of scene ``sample_scene(np.random.default_rng(seed), split)``: one seed, one image."""
-    _check_seed(seed)
+    checks.seed(seed)
     return render(sample_scene(np.random.default_rng(seed), split))
-
-
-def _check_seed(seed: Any) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: {seed!r} is not allowed; use a non-negative integer")
-    return int(seed)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -297,7 +284,7 @@ class ShapesDataset(Dataset):
         if transform is not None and not callable(transform):
             raise TypeError(f"transform: expected a callable or None, got {type(transform).__name__}")
         self.size = int(size)
-        self.seed = _check_seed(seed)
+        self.seed = checks.seed(seed)
         self.split = _check_split(split)
         self.transform = transform if transform is not None else _to_tensor
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import psutil
 import torch
+
+from sdhelpers import checks
 
 DEVICE_ENV = "SDHELPERS_DEVICE"
 DEVICE_KINDS = ("cuda", "mps", "cpu")
@@ -74,11 +74,9 @@ def get_dtype(device: str | torch.device | None = None) -> torch.dtype:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) so a notebook re-runs identically on the CPU."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: {seed!r} is not allowed; use a non-negative integer")
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    from diffusers.training_utils import set_seed
+
+    set_seed(checks.seed(seed) % 2**32)
 
 
 def make_generator(seed: int, device: str | torch.device | None = None) -> torch.Generator:
@@ -87,8 +85,7 @@ def make_generator(seed: int, device: str | torch.device | None = None) -> torch
     The source text writes ``torch.Generator("cuda").manual_seed(42)``; on MPS generators must live on
     the CPU, so we do that there (diffusers moves the noise to the device itself).
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: {seed!r} is not allowed; use a non-negative integer")
+    seed = checks.seed(seed)
     dev = get_device(device)
     gen_device = "cpu" if dev.type == "mps" else dev
     return torch.Generator(device=gen_device).manual_seed(seed)
@@ -199,3 +196,19 @@ class MemoryTracker:
             return f"peak CUDA allocated {self.peak_allocated / gib:.2f} GiB, reserved {self.peak_reserved / gib:.2f} GiB"
         return f"peak RSS {self.peak_rss / gib:.2f} GiB (+{(self.peak_rss - self.start_rss) / gib:.2f} GiB in the block)"
 
+
+class flush_denormals:
+    """Flush denormal floats to zero inside the block (CPU only; restored to torch's default after).
+
+    Tiny values below 1e-38 appear during training (in Adam's moments, in near-silent activations)
+    and x86 CPUs compute with them 10-100x slower: without this a TinySD VAE step took 2 s
+    instead of 0.4 s. Flushing them changes results by less than 1e-38.
+    """
+
+    def __enter__(self):
+        self._set = torch.set_flush_denormal(True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._set:
+            torch.set_flush_denormal(False)

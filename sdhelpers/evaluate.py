@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdhelpers import checks
 from sdhelpers.data import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, parse_caption
 from sdhelpers.images import tensor_to_pil
 
@@ -266,6 +267,55 @@ def score(images: Any, captions: Sequence[str]) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- the networks' own metrics
+
+
+@torch.no_grad()
+def vae_psnr(vae: Any, count: int = 256, seed: int = 0, split: str = "held_out", batch_size: int = 64) -> float:
+    """Mean PSNR (dB) of the VAE's round trip over ``count`` shapes-world images of ``split``.
+
+    Both the original and the reconstruction are compared as 8-bit images, i.e. what a reader sees.
+    The latent is the posterior mean, as in ``vae.encode(x).latent_dist.mode()``.
+    """
+    from sdhelpers.data import ShapesDataset
+    from sdhelpers.device import flush_denormals
+    from sdhelpers.images import psnr
+    from sdhelpers.latents import batch_of
+
+    count = checks.positive_int(count, "count")
+    data = ShapesDataset(count, seed=seed + 1_000_003, split=split)
+    device = next(vae.parameters()).device
+    values = []
+    with flush_denormals():
+        for start in range(0, count, batch_size):
+            images, _ = batch_of(data, range(start, min(count, start + batch_size)))
+            latents = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
+            decoded = vae.decode(latents).sample.float().clamp(-1, 1).cpu()
+            values += [psnr(a, b) for a, b in zip(tensor_to_pil(images), tensor_to_pil(decoded))]
+    return float(np.mean(values))
+
+
+@torch.no_grad()
+def clip_accuracy(clip: Any, tokens=None, count: int = 128, seed: int = 0, split: str = "train") -> float:
+    """How often an image's most similar caption, among every caption of the world, is its own.
+
+    ``clip`` is the trainer's :class:`~sdhelpers.objectives.ContrastiveCLIP`; ``tokens`` a
+    :class:`~sdhelpers.models.TokenCache` (a new one by default).
+    """
+    from sdhelpers.data import ShapesDataset, held_out_scenes, training_scenes
+    from sdhelpers.latents import batch_of
+    from sdhelpers.models import TokenCache
+
+    tokens = tokens or TokenCache()
+    captions = [scene.caption for scene in training_scenes() + held_out_scenes()]
+    device = next(clip.parameters()).device
+    text = clip.embed_text(tokens(captions).to(device))
+    data = ShapesDataset(count, seed=seed + 2_000_003, split=split)
+    images, truth = batch_of(data, range(count))
+    best = (clip.embed_images(images.to(device)) @ text.T).argmax(dim=1).cpu()
+    return float(np.mean([captions[int(b)] == t for b, t in zip(best, truth)]))
+
+
 # --------------------------------------------------------------------------- grading a pipeline
 
 
@@ -349,9 +399,9 @@ def measure_model(folder: Any, *, train_prompts: int = 200, held_out_prompts: in
     prediction, including what a shape word wrongly implies about colour, so a small model trained
     without some colour×shape pairs draws them best at a lower scale.
     """
-    from sdhelpers.device import hardware_summary
-    from sdhelpers.models import count_parameters, load_pipeline
-    from sdhelpers.train import flush_denormals, vae_psnr
+    from sdhelpers.architectures import count_parameters
+    from sdhelpers.device import flush_denormals, hardware_summary
+    from sdhelpers.models import load_pipeline
 
     pipe = load_pipeline(str(folder), device="cpu")
     with flush_denormals():

@@ -24,7 +24,6 @@ distribution. The generator is seeded from ``seed``, so a run is reproducible bi
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdhelpers import checks
 from sdhelpers.device import make_generator
-from sdhelpers.train import flush_denormals
+from sdhelpers.fit import make_optimizer, train_steps
 
 __all__ = [
     "DEFAULT_DATASET_SIZE",
     "DecoderFinetune",
     "finetune_decoder",
-    "learning_rate_factor",
     "pipeline_with_vae",
     "trainable_parameters",
 ]
@@ -77,19 +76,6 @@ class DecoderFinetune:
         return ((sums[ends] - sums[starts]) / (ends - starts)).tolist()
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: {value!r} is not allowed; use an integer >= {minimum}")
-    return int(value)
-
-
-def _check_learning_rate(value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise ValueError(f"learning_rate: {value!r} is not allowed; use a finite number > 0 (e.g. 1e-4)")
-    return float(value)
-
-
 def _check_vae(vae: Any) -> nn.Module:
     needed = ("encoder", "decoder", "encode", "decode", "quant_conv", "post_quant_conv")
     if not isinstance(vae, nn.Module) or not all(hasattr(vae, name) for name in needed):
@@ -97,35 +83,11 @@ def _check_vae(vae: Any) -> nn.Module:
     return vae
 
 
-def _check_dataset(dataset: Any) -> Any:
-    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        raise TypeError(f"dataset: expected a map-style dataset yielding {{'image': tensor}}, got {type(dataset).__name__}")
-    if len(dataset) < 1:
-        raise ValueError("dataset: is empty; need at least one image")
-    item = dataset[0]
-    if not isinstance(item, dict) or not isinstance(item.get("image"), torch.Tensor):
-        raise TypeError("dataset: items must be dicts with an 'image' tensor (3, H, W) in [-1, 1], like ShapesDataset's")
-    return dataset
-
-
-def learning_rate_factor(step: int, steps: int) -> float:
-    """The multiplier of the learning rate at ``step`` (0-based) of ``steps``: warm-up, then cosine to 0.
-
-    Linear warm-up over the first ``max(1, steps // 10)`` steps, then ``0.5 * (1 + cos(pi * progress))``
-    down to nearly 0 at the last step.
-    """
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup + 1) / max(1, steps - warmup + 1)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _cast(vae: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``vae.to(dtype)``, skipped when nothing changes and without diffusers' casting notice."""
     if next(vae.parameters()).dtype == dtype:
         return vae
-    from sdhelpers.models import quiet_libraries
+    from sdhelpers.libraries import quiet_libraries
 
     with quiet_libraries():
         return vae.to(dtype)
@@ -165,20 +127,20 @@ def finetune_decoder(
       rate whatever the gradient, which would first knock a trained decoder off its optimum), then
       decays to zero along a cosine, so the run ends on a quiet average instead of a noisy last step.
     - Training runs in float32 on the VAE's device, with denormals flushed on the CPU
-      (:class:`sdhelpers.train.flush_denormals`); the result is cast back to the VAE's dtype.
+      (:class:`sdhelpers.device.flush_denormals`), in :func:`sdhelpers.fit.train_steps`; the result is cast back to the VAE's dtype.
 
     The caller's ``vae`` is never modified. Same arguments, same result, bit for bit on the CPU.
     """
     _check_vae(vae)
-    steps = _check_int(steps, "steps", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    learning_rate = _check_learning_rate(learning_rate)
-    seed = _check_int(seed, "seed", 0)
+    steps = checks.positive_int(steps, "steps")
+    batch_size = checks.positive_int(batch_size, "batch_size")
+    learning_rate = checks.positive_number(learning_rate, "learning_rate")
+    seed = checks.seed(seed)
     if dataset is None:
         from sdhelpers.data import ShapesDataset
 
         dataset = ShapesDataset(DEFAULT_DATASET_SIZE, seed=seed, split="train")
-    dataset = _check_dataset(dataset)
+    dataset = checks.dataset(dataset)
 
     first = next(vae.parameters())
     device, dtype = first.device, first.dtype
@@ -187,39 +149,56 @@ def finetune_decoder(
     params = trainable_parameters(tuned)
     for param in params:
         param.requires_grad_(True)
-    tuned.eval()  # the frozen encoder stays in eval mode
-    tuned.decoder.train()
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, steps))
+    tuned.eval()  # the frozen encoder stays in eval mode; train_steps puts the decoder in training mode
+    optimizer, schedule = make_optimizer(params, learning_rate, steps, warmup_steps=steps // 10,
+                                         weight_decay=0.0)
+    # One process: Accelerate changes nothing. Under `accelerate launch` each process draws its own
+    # images and samples and the decoder's gradients are averaged (DDP skips the frozen encoder).
+    from accelerate import Accelerator
 
-    rng = np.random.default_rng([seed, 1])  # which images
-    generator = make_generator(seed, device)  # which posterior samples
-    losses: list[float] = []
-    start = time.perf_counter()
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    objective, optimizer = accelerator.prepare(DecoderObjective(tuned), optimizer)
+    if batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size: {batch_size} can't be split over {accelerator.num_processes} processes; "
+                         "use a multiple of it")
+    rank = accelerator.process_index
+    rng = np.random.default_rng([seed, 1] + ([rank] if rank else []))  # which images
+    generator = make_generator(seed + 1_000_003 * rank, device)  # which posterior samples
+
+    def batch_loss(step: int) -> torch.Tensor:
+        indices = rng.integers(0, len(dataset), batch_size // accelerator.num_processes)
+        images = torch.stack([dataset[int(i)]["image"] for i in indices]).to(device, torch.float32)
+        return objective(images, generator)
+
     from tqdm.auto import tqdm
 
-    with flush_denormals():
-        for _ in tqdm(range(steps), desc="decoder", disable=not progress, dynamic_ncols=True):
-            indices = rng.integers(0, len(dataset), batch_size)
-            images = torch.stack([dataset[int(i)]["image"] for i in indices]).to(device, torch.float32)
-            with torch.no_grad():
-                latents = tuned.encode(images).latent_dist.sample(generator=generator)
-            reconstruction = tuned.decode(latents).sample
-            loss = F.mse_loss(reconstruction, images)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"learning_rate: the loss became {value}; lower learning_rate (got {learning_rate})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(value)
+    start = time.perf_counter()
+    with tqdm(total=steps, desc="decoder", disable=not progress, dynamic_ncols=True) as bar:
+        losses = train_steps(tuned.decoder, optimizer, schedule, batch_loss, steps, max_grad_norm=None,
+                             accelerator=accelerator, after_step=lambda step, value: bar.update(1))
     seconds = time.perf_counter() - start
 
     tuned.requires_grad_(False)
     tuned.eval()
     return DecoderFinetune(vae=_cast(tuned, dtype), losses=losses, steps=steps, batch_size=batch_size,
                            learning_rate=learning_rate, seed=seed, seconds=seconds)
+
+
+class DecoderObjective(nn.Module):
+    """The fine-tune's loss as a module (what Accelerate can wrap): MSE of decoding a posterior sample.
+
+    The encoder runs without gradients, so the latents, and with them everything the UNet learnt,
+    stay exactly as they were.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample(generator=generator)
+        return F.mse_loss(self.vae.decode(latents).sample, images)
 
 
 def pipeline_with_vae(pipe, vae):
@@ -233,7 +212,7 @@ def pipeline_with_vae(pipe, vae):
     _check_vae(vae)
     if not hasattr(pipe, "components") or "vae" not in pipe.components:
         raise TypeError(f"pipe: expected a diffusers pipeline with a 'vae' component, got {type(pipe).__name__}")
-    from sdhelpers.models import quiet_libraries
+    from sdhelpers.libraries import quiet_libraries
 
     with quiet_libraries():
         new = type(pipe).from_pipe(pipe, vae=vae)

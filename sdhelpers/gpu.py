@@ -28,7 +28,6 @@ takes many minutes for a few percent more. Pass ``compile="max-autotune"`` (or a
 
 from __future__ import annotations
 
-import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -36,7 +35,7 @@ from typing import Iterator
 import torch
 
 from sdhelpers.device import get_device, get_dtype
-from sdhelpers.models import quiet_libraries
+from sdhelpers.libraries import quiet_libraries
 
 PRESETS = ("default", "fast", "low-memory", "lowest-memory")
 PRESET_DESCRIPTIONS = {
@@ -113,7 +112,7 @@ def _dtype_problem(dtype: torch.dtype, device: torch.device) -> str | None:
     return None
 
 
-def _compile_mode(compile: bool | str) -> str | None:
+def compile_mode(compile: bool | str) -> str | None:
     if isinstance(compile, bool):
         return COMPILE_MODE if compile else None
     if isinstance(compile, str) and compile in COMPILE_MODES:
@@ -145,7 +144,7 @@ def check_preset(
         raise PresetError(f"dtype: {dtype!r} is not allowed; use {allowed} or None")
     if dtype is None:
         dtype = torch.float16 if name == "fast" else get_dtype(dev)
-    mode = _compile_mode(compile) if name == "fast" else None
+    mode = compile_mode(compile) if name == "fast" else None
 
     problems = []
     if name in ("low-memory", "lowest-memory") and not _can_offload(dev):
@@ -211,7 +210,11 @@ def apply_preset(
     preset is undone first, so presets never stack. See :func:`check_preset` for the arguments;
     a preset that can't apply raises :class:`PresetError` and leaves ``pipe`` untouched.
     """
-    dev, dtype, mode = check_preset(name, device=device, dtype=dtype, compile=compile)
+    return apply_checked_preset(pipe, name, *check_preset(name, device=device, dtype=dtype, compile=compile))
+
+
+def apply_checked_preset(pipe, name: str, dev: torch.device, dtype: torch.dtype, mode: str | None) -> PresetReport:
+    """:func:`apply_preset` for arguments :func:`check_preset` already returned (no second check)."""
     if getattr(pipe, _STATE_ATTR, None) is not None:
         restore_default(pipe, keep_state=True)
     _save_default_state(pipe)
@@ -346,16 +349,12 @@ def free_memory() -> int:
     Deleting a pipeline frees its tensors for PyTorch's caching allocator, not for other programs
     (or ``nvidia-smi``): ``torch.cuda.empty_cache`` hands the unused cached blocks back.
     """
-    gc.collect()
-    freed = 0
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        before = torch.cuda.memory_reserved()
-        torch.cuda.empty_cache()
-        freed = max(before - torch.cuda.memory_reserved(), 0)
-    mps = getattr(torch, "mps", None)
-    if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        mps.empty_cache()
-    return freed
+    from diffusers.training_utils import free_memory as free_accelerator_memory
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    before = torch.cuda.memory_reserved() if cuda else 0
+    free_accelerator_memory()  # gc.collect(), then empty the cache of whichever accelerator is there
+    return max(before - torch.cuda.memory_reserved(), 0) if cuda else 0
 
 
 def oom_advice(preset_name: str) -> str:

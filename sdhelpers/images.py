@@ -1,4 +1,4 @@
-"""Images in and out of Stable Diffusion: conversions, grids, latent viewers, masks, metrics.
+"""Images in and out of Stable Diffusion: conversions, grids, latent viewers, metrics.
 
 Stable Diffusion's VAE reads and writes images as float tensors in [-1, 1] with
 shape (B, 3, H, W); people and files deal in 8-bit RGB Pillow images. This module
@@ -10,8 +10,8 @@ Conventions used throughout:
 
 * sizes are ``(width, height)`` and boxes ``(left, top, right, bottom)`` with
   ``right``/``bottom`` exclusive: Pillow's order, so ``image.crop(box)`` agrees;
-* masks are ``"L"`` images where 255 means *repaint* and 0 means *keep*, the
-  convention of the diffusers inpainting pipelines.
+* masks (:mod:`sdhelpers.masks`) are ``"L"`` images where 255 means *repaint* and
+  0 means *keep*, the convention of the diffusers inpainting pipelines.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from PIL import ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import ImageDraw, UnidentifiedImageError
 from diffusers.utils import make_image_grid
+
+from sdhelpers import checks
 
 __all__ = [
     "SUPPORTED_MODES",
@@ -36,15 +38,6 @@ __all__ = [
     "image_grid",
     "latent_channels_image",
     "latents_to_rgb_preview",
-    "box_mask",
-    "ellipse_mask",
-    "binarize_mask",
-    "resize_mask",
-    "blur_mask",
-    "dilate_mask",
-    "mask_distance",
-    "paste_back",
-    "seam_energy",
     "psnr",
     "enlarge",
     "zoom",
@@ -65,12 +58,6 @@ SUPPORTED_MODES: tuple[str, ...] = tuple(
 )
 
 _I16_MAX = 65535
-
-
-def _check_image(image: object, name: str) -> Image:
-    if not isinstance(image, Image):
-        raise TypeError(f"{name}: expected a PIL.Image.Image, got {type(image).__name__}")
-    return image
 
 
 def _check_background(background: object) -> tuple[int, int, int]:
@@ -134,7 +121,7 @@ def to_rgb(image: Image, *, background: tuple[int, int, int] = (255, 255, 255)) 
     Raises TypeError if ``image`` is not a PIL image, ValueError for a mode not in
     :data:`SUPPORTED_MODES`.
     """
-    _check_image(image, "image")
+    checks.pil_image(image, "image")
     background = _check_background(background)
     mode = image.mode
     if mode not in SUPPORTED_MODES:
@@ -160,15 +147,17 @@ def to_rgb(image: Image, *, background: tuple[int, int, int] = (255, 255, 255)) 
 def load_image(source: str | Path | Image, *, name: str = "image") -> Image:
     """Load ``source`` (a file path or a PIL image) as an 8-bit RGB PIL image.
 
-    Like ``diffusers.utils.load_image`` the EXIF orientation is applied, so a phone
-    photo stands the way it is displayed, but local files only (no URLs), and every
+    ``diffusers.utils.load_image`` does the loading: the EXIF orientation is applied, so
+    a phone photo stands the way it is displayed. Local files only (no URLs), and every
     mode goes through :func:`to_rgb` (alpha over white, 16-bit scaled). ``name`` is
     the argument name used in error messages, so a notebook's ``load_image(path,
     name="init_image")`` reports errors about ``init_image``. Errors are one line:
     a missing file, a directory or a file Pillow can't decode raise ValueError.
     """
+    from diffusers.utils import load_image as diffusers_load_image
+
     if isinstance(source, Image):
-        return to_rgb(ImageOps.exif_transpose(source))
+        return diffusers_load_image(source, convert_method=to_rgb)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"{name}: expected a file path (str or Path) or a PIL image, got {type(source).__name__}")
     path = Path(source)
@@ -178,12 +167,9 @@ def load_image(source: str | Path | Image, *, name: str = "image") -> Image:
     if path.is_dir():
         raise ValueError(f"{name}: {shown} is a directory, not an image file")
     try:
-        with PIL.Image.open(path) as opened:
-            opened.load()
-            upright = ImageOps.exif_transpose(opened)
+        return diffusers_load_image(str(path), convert_method=to_rgb)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{name}: {shown} is not an image file Pillow can read") from error
-    return to_rgb(upright)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -202,7 +188,7 @@ def pil_to_tensor(images: Image | Sequence[Image]) -> torch.Tensor:
     if not isinstance(batch, Sequence) or isinstance(batch, str) or len(batch) == 0:
         raise ValueError(f"images: expected a PIL image or a non-empty list of them, got {images!r:.80}")
     for index, image in enumerate(batch):
-        _check_image(image, f"images[{index}]")
+        checks.pil_image(image, f"images[{index}]")
     size = batch[0].size
     for index, image in enumerate(batch):
         if image.size != size:
@@ -239,26 +225,20 @@ def tensor_to_pil(tensor: torch.Tensor) -> list[Image]:
 # --------------------------------------------------------------------------- grids
 
 
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return value
-
-
 def _grid_shape(count: int, rows: int | None, cols: int | None) -> tuple[int, int]:
     if rows is None and cols is None:
         return 1, count
     if rows is not None and cols is not None:
-        rows, cols = _positive_int(rows, "rows"), _positive_int(cols, "cols")
+        rows, cols = checks.positive_int(rows, "rows"), checks.positive_int(cols, "cols")
         if rows * cols != count:
             raise ValueError(
                 f"rows, cols: a {rows}x{cols} grid has {rows * cols} cells but {count} images were given"
             )
         return rows, cols
     if rows is not None:
-        rows = _positive_int(rows, "rows")
+        rows = checks.positive_int(rows, "rows")
         return rows, math.ceil(count / rows)
-    cols = _positive_int(cols, "cols")
+    cols = checks.positive_int(cols, "cols")
     return math.ceil(count / cols), cols
 
 
@@ -278,7 +258,7 @@ def image_grid(images: Sequence[Image], rows: int | None = None, cols: int | Non
     if isinstance(images, Image) or not isinstance(images, Sequence) or len(images) == 0:
         raise ValueError(f"images: expected a non-empty list of PIL images, got {images!r:.80}")
     for index, image in enumerate(images):
-        _check_image(image, f"images[{index}]")
+        checks.pil_image(image, f"images[{index}]")
     rows, cols = _grid_shape(len(images), rows, cols)
     size = images[0].size
     tiles = [to_rgb(image) for image in images]
@@ -320,7 +300,7 @@ def latent_channels_image(latents: torch.Tensor | np.ndarray, scale: int = 8) ->
     Returns an ``"L"`` image of size ``(C * w * scale, h * scale)``.
     """
     channels = _single_latent(latents)
-    scale = _positive_int(scale, "scale")
+    scale = checks.positive_int(scale, "scale")
     low = channels.amin(dim=(1, 2), keepdim=True)
     span = channels.amax(dim=(1, 2), keepdim=True) - low
     normalised = torch.where(span > 0, (channels - low) / span.clamp_min(1e-30), torch.full_like(channels, 128 / 255))
@@ -356,249 +336,11 @@ def latents_to_rgb_preview(latents: torch.Tensor | np.ndarray, scale: int = 8) -
     channels = _single_latent(latents)
     if channels.shape[0] != 4:
         raise ValueError(f"latents: the SD 1.x preview needs 4 channels, got {channels.shape[0]}")
-    scale = _positive_int(scale, "scale")
+    scale = checks.positive_int(scale, "scale")
     factors = torch.tensor(SD15_LATENT_RGB_FACTORS, dtype=torch.float32)
     rgb = torch.einsum("chw,cr->rhw", channels, factors)
     image = tensor_to_pil(rgb)[0]
     return image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
-
-
-# --------------------------------------------------------------------------- masks
-
-
-def _check_size(size: object) -> tuple[int, int]:
-    ok = isinstance(size, (tuple, list)) and len(size) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size
-    )
-    if not ok:
-        raise ValueError(f"size: expected (width, height) as two positive integers, got {size!r}")
-    return tuple(size)  # type: ignore[return-value]
-
-
-def _check_box(box: object) -> tuple[int, int, int, int]:
-    ok = isinstance(box, (tuple, list)) and len(box) == 4 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in box
-    )
-    if not ok or not (box[0] < box[2] and box[1] < box[3]):
-        raise ValueError(
-            f"box: expected (left, top, right, bottom) integers with left < right and top < bottom, got {box!r}"
-        )
-    return tuple(box)  # type: ignore[return-value]
-
-
-def _shape_mask(size: object, box: object, draw_shape: str) -> Image:
-    width, height = _check_size(size)
-    left, top, right, bottom = _check_box(box)
-    mask = PIL.Image.new("L", (width, height), 0)
-    # ImageDraw includes the last pixel; our boxes exclude right/bottom like Image.crop
-    getattr(ImageDraw.Draw(mask), draw_shape)((left, top, right - 1, bottom - 1), fill=255)
-    return mask
-
-
-def box_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image:
-    """An ``"L"`` mask of ``size`` with 255 (repaint) inside ``box``, 0 (keep) elsewhere.
-
-    255 = repaint, 0 = keep is the diffusers inpainting convention. ``box`` is
-    ``(left, top, right, bottom)`` with right/bottom exclusive, as for
-    ``Image.crop``; parts of the box outside the image are simply cut off.
-    """
-    return _shape_mask(size, box, "rectangle")
-
-
-def ellipse_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image:
-    """An ``"L"`` mask with the ellipse inscribed in ``box`` at 255 (repaint), 0 (keep) elsewhere.
-
-    Same conventions as :func:`box_mask`; an ellipse has no corners, so the repaint
-    region blends in more naturally around round objects.
-    """
-    return _shape_mask(size, box, "ellipse")
-
-
-def _mask_values(mask: object, name: str = "mask") -> np.ndarray:
-    """Any mask as a float64 (H, W) array in [0, 1] (the scaling rule of :func:`binarize_mask`)."""
-    if isinstance(mask, Image):
-        gray = mask if mask.mode in ("L", "1") else to_rgb(mask)
-        return np.asarray(gray.convert("L"), dtype=np.float64) / 255.0
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy() if mask.dtype != torch.bfloat16 else mask.detach().float().cpu().numpy()
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"{name}: expected a PIL image, numpy array or torch.Tensor, got {type(mask).__name__}")
-    shape = mask.shape
-    while mask.ndim > 2 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.ndim != 2:
-        raise ValueError(f"{name}: expected shape (H, W), (1, H, W) or (1, 1, H, W), got {shape}")
-    if mask.dtype == np.bool_:
-        return mask.astype(np.float64)
-    if mask.dtype == np.uint8:
-        return mask.astype(np.float64) / 255.0
-    if np.issubdtype(mask.dtype, np.floating):
-        values = mask.astype(np.float64)
-        if np.isnan(values).any() or values.min() < 0 or values.max() > 1:
-            raise ValueError(
-                f"{name}: float masks must hold values in [0, 1], got range "
-                f"[{np.nanmin(values):.3g}, {np.nanmax(values):.3g}]" + (" with NaN" if np.isnan(values).any() else "")
-            )
-        return values
-    raise TypeError(f"{name}: expected dtype bool, uint8 or float, got {mask.dtype}")
-
-
-def _mask_image(mask: object) -> Image:
-    return PIL.Image.fromarray(np.round(_mask_values(mask) * 255).astype(np.uint8))
-
-
-def binarize_mask(mask: Image | np.ndarray | torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Turn a mask into a float32 tensor of shape (1, 1, H, W) holding only 0 and 1.
-
-    Values are first scaled to [0, 1]: PIL masks and uint8 arrays/tensors are
-    divided by 255 (other modes go through :func:`to_rgb`, so transparent pixels
-    count as white, then Pillow's luma ``L``), bool
-    gives 0/1, float masks must already be in [0, 1]. Then ``value >= threshold``
-    becomes 1 (repaint) and the rest 0 (keep), the same rule as diffusers'
-    ``VaeImageProcessor.binarize``. A soft, blurred mask thus becomes hard again.
-    """
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold: expected a number in [0, 1], got {threshold!r}")
-    values = _mask_values(mask)
-    binary = (values >= threshold).astype(np.float32)
-    return torch.from_numpy(binary)[None, None]
-
-
-def resize_mask(mask: Image | np.ndarray | torch.Tensor, size: tuple[int, int]) -> Image:
-    """Resize a mask to ``size`` = (width, height) with NEAREST, returning an ``"L"`` image.
-
-    NEAREST copies existing values and invents none, so a binary mask stays
-    binary (smooth filters would add gray edges that later thresholding turns
-    into a shifted border). Accepts the same inputs as :func:`binarize_mask`.
-    """
-    size = _check_size(size)
-    return _mask_image(mask).resize(size, PIL.Image.Resampling.NEAREST)
-
-
-def blur_mask(mask: Image | np.ndarray | torch.Tensor, radius: float) -> Image:
-    """Soften a mask's edges with Pillow's ``GaussianBlur(radius)``, returning ``"L"``.
-
-    A hard mask edge leaves a visible seam after inpainting; a blurred edge gives a
-    gradual blend between kept and repainted pixels. ``radius`` (>= 0) is the
-    Gaussian's standard deviation in pixels; 0 returns the mask unchanged.
-    """
-    if not isinstance(radius, (int, float)) or isinstance(radius, bool) or not radius >= 0:
-        raise ValueError(f"radius: expected a number >= 0, got {radius!r}")
-    return _mask_image(mask).filter(ImageFilter.GaussianBlur(radius))
-
-
-def dilate_mask(mask: Image | np.ndarray | torch.Tensor, pixels: int) -> Image:
-    """Grow the repaint (white) region by ``pixels`` in every direction, returning ``"L"``.
-
-    Repainting a little beyond the object's outline covers its halo, and leaves
-    room for :func:`blur_mask` to blend without biting into the object. Uses
-    Pillow's ``MaxFilter(3)`` applied ``pixels`` times, equal to one square
-    ``MaxFilter(2 * pixels + 1)`` but much faster; 0 returns the mask unchanged.
-    """
-    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 0:
-        raise ValueError(f"pixels: expected an integer >= 0, got {pixels!r}")
-    image = _mask_image(mask)
-    for _ in range(pixels):
-        image = image.filter(ImageFilter.MaxFilter(3))
-    return image
-
-
-def _binary_mask(mask: object, name: str = "mask") -> np.ndarray:
-    """A mask as a bool (H, W) array, True = repaint (value >= 0.5, the rule of :func:`binarize_mask`)."""
-    return _mask_values(mask, name) >= 0.5
-
-
-def _chebyshev_distance(seeds: np.ndarray) -> np.ndarray:
-    """Steps of 8-neighbour growth from the True pixels of ``seeds`` to every pixel (0 on the seeds)."""
-    distance = np.where(seeds, 0, -1)
-    reached, step = seeds.copy(), 0
-    while not reached.all():
-        step += 1
-        padded = np.pad(reached, 1)
-        h, w = reached.shape
-        grown = np.zeros_like(reached)
-        for dy in range(3):
-            for dx in range(3):
-                grown |= padded[dy : dy + h, dx : dx + w]
-        distance[grown & ~reached] = step
-        reached = grown
-    return distance
-
-
-def mask_distance(mask: Image | np.ndarray | torch.Tensor) -> np.ndarray:
-    """How far each pixel lies from the repaint region, in pixels, as an int (H, W) array.
-
-    0 inside the repaint region (mask value >= 0.5, as in :func:`binarize_mask`), 1 for the
-    kept pixels touching it (also diagonally), 2 for the next ring, and so on: the chessboard
-    (Chebyshev) distance, the distance that :func:`dilate_mask` grows by. Handy to measure how
-    an inpainting result changes the kept pixels near the border versus far from it.
-    ValueError if the mask has no repaint pixel.
-    """
-    repaint = _binary_mask(mask)
-    if not repaint.any():
-        raise ValueError("mask: has no repaint pixel (no value >= 0.5), so there is no region to measure from")
-    return _chebyshev_distance(repaint)
-
-
-def paste_back(original: Image, generated: Image, mask: Image | np.ndarray | torch.Tensor,
-               feather: float = 0.0) -> Image:
-    """Put ``original``'s pixels back outside the mask, keeping ``generated`` inside it.
-
-    Latent inpainting regenerates *every* pixel through the VAE decoder, so even the kept
-    region comes back slightly changed; pasting the original back makes it exact. The
-    weight of ``generated`` is ``w = clip(2 * blur(mask, feather) - 1, 0, 1)`` (the mask
-    binarised at 0.5, then :func:`blur_mask`): 0 everywhere outside the mask, so the kept
-    pixels are *exactly* ``original``'s, rising to 1 inside the mask over about
-    ``2 * feather`` pixels, which softens the seam where the two images meet. ``feather=0``
-    is a hard paste (what diffusers' ``VaeImageProcessor.apply_overlay`` does with a binary
-    mask). Each pixel is ``round(w * generated + (1 - w) * original)``, in RGB.
-    The three inputs must have one size.
-    """
-    _check_image(original, "original")
-    _check_image(generated, "generated")
-    if not isinstance(feather, (int, float)) or isinstance(feather, bool) or not feather >= 0:
-        raise ValueError(f"feather: expected a number >= 0, got {feather!r}")
-    repaint = _binary_mask(mask)
-    size = (repaint.shape[1], repaint.shape[0])
-    for name, image in (("original", original), ("generated", generated)):
-        if image.size != size:
-            raise ValueError(f"{name}: size {image.size[0]}x{image.size[1]} differs from the mask's {size[0]}x{size[1]}")
-    weight = repaint.astype(np.float64)
-    if feather > 0:
-        blurred = np.asarray(blur_mask(repaint.astype(np.uint8) * 255, feather), dtype=np.float64) / 255.0
-        weight = np.clip(2.0 * blurred - 1.0, 0.0, 1.0) * repaint
-    weight = weight[..., None]
-    mixed = weight * np.asarray(to_rgb(generated), dtype=np.float64) + (1 - weight) * np.asarray(to_rgb(original), dtype=np.float64)
-    return PIL.Image.fromarray(np.round(mixed).astype(np.uint8))
-
-
-def seam_energy(image: Image, mask: Image | np.ndarray | torch.Tensor, width: int = 2) -> float:
-    """How sharp the edges are along the mask's border: the mean squared colour gradient there.
-
-    The band is every pixel within ``width`` pixels of the border, on both sides (kept pixels
-    at :func:`mask_distance` 1..width, repaint pixels as close to a kept one). At each pixel
-    the gradient is the forward difference to the right and downwards neighbour, squared and
-    summed over R, G, B (8-bit units). A hard seam (a step in colour along the border) scores
-    high; the same step spread over ``n`` pixels scores about ``n`` times lower, so feathering
-    a seam lowers the number while a smooth image scores near 0. Compare values for one
-    image and mask only: the image's own edges inside the band count too.
-    """
-    _check_image(image, "image")
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"width: expected an integer >= 1, got {width!r}")
-    repaint = _binary_mask(mask)
-    if image.size != (repaint.shape[1], repaint.shape[0]):
-        raise ValueError(f"image: size {image.size[0]}x{image.size[1]} differs from the mask's "
-                         f"{repaint.shape[1]}x{repaint.shape[0]}")
-    if repaint.all() or not repaint.any():
-        raise ValueError("mask: needs both repaint (>= 0.5) and keep pixels to have a border")
-    outside, inside = _chebyshev_distance(repaint), _chebyshev_distance(~repaint)
-    band = ((outside >= 1) & (outside <= width)) | ((inside >= 1) & (inside <= width))
-    rgb = np.asarray(to_rgb(image), dtype=np.float64)
-    gx, gy = np.zeros_like(rgb), np.zeros_like(rgb)
-    gx[:, :-1] = rgb[:, 1:] - rgb[:, :-1]
-    gy[:-1] = rgb[1:] - rgb[:-1]
-    return float((gx**2 + gy**2).sum(axis=-1)[band].mean())
 
 
 # --------------------------------------------------------------------------- metrics and detail
@@ -658,7 +400,7 @@ def enlarge(image: Image, scale: int = 2) -> Image:
     The book's figures show TinySD's 64×64 images this way; a smoothing resize would hide exactly
     the pixel-level detail (edges, seams, decoder artefacts) the chapters point at.
     """
-    _check_image(image, "image")
+    checks.pil_image(image, "image")
     return zoom(image, (0, 0, image.width, image.height), scale)
 
 
@@ -670,9 +412,9 @@ def zoom(image: Image, box: tuple[int, int, int, int], scale: int = 4) -> Image:
     the enlargement. ``box`` is ``(left, top, right, bottom)``, right/bottom
     exclusive, and must lie inside the image. The image keeps its mode.
     """
-    _check_image(image, "image")
-    left, top, right, bottom = _check_box(box)
-    scale = _positive_int(scale, "scale")
+    checks.pil_image(image, "image")
+    left, top, right, bottom = checks.box(box)
+    scale = checks.positive_int(scale, "scale")
     if left < 0 or top < 0 or right > image.width or bottom > image.height:
         raise ValueError(f"box: {box!r} goes outside the {image.width}x{image.height} image")
     detail = image.crop((left, top, right, bottom))
@@ -701,7 +443,7 @@ def blob_sketch(
     defaults to a quarter of the shorter side. Drawn without anti-aliasing, so every pixel is exactly
     ``colour`` or ``background``. The same ``seed`` gives the same blob.
     """
-    width, height = _check_size(size)
+    width, height = checks.image_size(size)
     colour, background = _check_colour(colour, "colour"), _check_colour(background, "background")
     cx, cy = (width / 2, height / 2) if centre is None else _check_point(centre)
     radius = min(width, height) / 4 if radius is None else radius

@@ -93,7 +93,7 @@ def _parameter_rows(quality: dict[str, Any]) -> str:
 
 
 def _caption_dropout(training: dict[str, Any]) -> float:
-    from sdhelpers.train import PRESETS
+    from sdhelpers.recipe import PRESETS
 
     return PRESETS[training.get("preset") or "tinysd"].caption_dropout
 

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from sdhelpers.images import resize_mask, to_rgb
+from sdhelpers import checks
+from sdhelpers.images import to_rgb
+from sdhelpers.masks import resize_mask
+from sdhelpers.models import tokenize
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
 
@@ -42,7 +45,7 @@ def _as_list(prompt: str | list[str], name: str) -> list[str]:
 def _embed(pipe, texts: list[str]) -> torch.Tensor:
     """Tokenize to CLIP's 77 tokens (truncating, with a warning) and take the last hidden state."""
     tok = pipe.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenize(tok, texts)
     full = tok(texts, padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] > ids.shape[-1]:
         lost = tok.batch_decode(full[:, tok.model_max_length - 1 : -1])
@@ -63,7 +66,7 @@ def encode_prompt(pipe, prompt, negative_prompt=None, num_images_per_prompt: int
         negatives = negatives * len(prompts)
     if len(negatives) != len(prompts):
         raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts; pass one, or one per prompt")
-    _positive_int(num_images_per_prompt, "num_images_per_prompt")
+    checks.positive_int(num_images_per_prompt, "num_images_per_prompt")
     cond, uncond = _embed(pipe, prompts), _embed(pipe, negatives)
     return cond.repeat_interleave(num_images_per_prompt, 0), uncond.repeat_interleave(num_images_per_prompt, 0)
 
@@ -117,7 +120,7 @@ def txt2img(pipe, prompt, negative_prompt=None, steps: int = 50, guidance_scale:
             width=None, generator=None, num_images_per_prompt: int = 1, callback=None, output_type="pil"):
     """Text to image: pure noise, denoised for ``steps`` steps. Same result as ``StableDiffusionPipeline``."""
     height, width = _check_size(pipe, height, width)
-    _positive_int(steps, "steps")
+    checks.positive_int(steps, "steps")
     cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
     pipe.scheduler.set_timesteps(steps, device=pipe.device)
     shape = (cond.shape[0], pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -200,7 +203,7 @@ def sdedit_start(pipe, image, strength: float, steps: int, generator=None, batch
     """
     init_image = pipe.image_processor.preprocess(to_rgb(image))
     timesteps = strength_timesteps(pipe.scheduler, steps, strength, pipe.device)
-    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(_positive_int(batch, "batch"), 0)
+    image_latents = encode_image(pipe, init_image, generator).repeat_interleave(checks.positive_int(batch, "batch"), 0)
     noise = randn_tensor(image_latents.shape, generator=generator, device=pipe.device, dtype=image_latents.dtype)
     latents = pipe.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
     return SDEditStart(image_latents, noise, timesteps, latents)
@@ -234,7 +237,7 @@ class Trajectory:
 
     def previews(self, pipe, index: int = 0, every: int = 1) -> list[Image.Image]:
         """Image ``index`` of the batch decoded by the VAE after every ``every``-th step and after the last."""
-        _positive_int(every, "every")
+        checks.positive_int(every, "every")
         if not self.latents:
             raise ValueError("trajectory: no step was recorded; pass it as a callback to a sampler first")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.latents[0].shape[0]:
@@ -254,7 +257,7 @@ def strength_timesteps(scheduler, steps: int, strength: float, device) -> torch.
     ``int(steps * strength) + 1`` entries (the UNet runs once more) and starts one schedule level
     earlier, i.e. noisier, than DDIM's for the same ``strength``.
     """
-    _positive_int(steps, "steps")
+    checks.positive_int(steps, "steps")
     if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength: {strength!r} is not allowed; use a number in [0, 1]")
     kept = min(int(steps * strength), steps)
@@ -281,12 +284,6 @@ def _step_kwargs(scheduler, generator) -> dict:
     if "generator" in accepted:
         kwargs["generator"] = generator
     return kwargs
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: {value!r} is not allowed; use an integer >= 1")
-    return value
 
 
 def _check_size(pipe, height, width) -> tuple[int, int]:

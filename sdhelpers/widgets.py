@@ -13,7 +13,8 @@ import ipywidgets as widgets
 from PIL import Image
 
 from sdhelpers.device import Timer, make_generator
-from sdhelpers.models import TINYSD_GUIDANCE, quiet_libraries
+from sdhelpers.libraries import quiet_libraries
+from sdhelpers.models import TINYSD_GUIDANCE
 from sdhelpers.sampling import SCHEDULERS, use_scheduler
 
 

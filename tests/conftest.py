@@ -11,7 +11,8 @@ def build_tiny_random_pipeline():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdhelpers.models import assemble_pipeline, quiet_libraries
+    from sdhelpers.libraries import quiet_libraries
+    from sdhelpers.models import assemble_pipeline
 
     torch.manual_seed(0)
     with quiet_libraries():

@@ -117,7 +117,7 @@ def test_trace_unet_follows_the_u(pipe):
 
 def test_trace_unet_on_the_meta_device():
     from sdhelpers.attention import trace_unet
-    from sdhelpers.models import sd15_architecture
+    from sdhelpers.architectures import sd15_architecture
 
     unet = sd15_architecture().unet
     meta = dict(device="meta")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sdhelpers import bench
+from sdhelpers import bench, bench_report
 from sdhelpers.gpu import PRESETS
 from sdhelpers.models import ModelUnavailableError, load_pipeline
 
@@ -60,7 +60,7 @@ def test_ratios_are_against_default():
 
 
 def test_markdown_table_has_a_row_per_preset(doc):
-    table = bench.to_markdown(doc)
+    table = bench_report.to_markdown(doc)
     rows = [line for line in table.splitlines() if line.startswith("| tinysd |")]
     assert len(rows) == len(PRESETS)
     for row, name in zip(rows, PRESETS):
@@ -128,8 +128,8 @@ def test_sd15_arch_is_sd15_with_pndm():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--preset", "turbo"], "--preset: 'turbo' is not allowed; use default, fast, low-memory, lowest-memory"),
-    (["--model", "sd3"], "--model: 'sd3' is not allowed; use tinysd, sd15-arch"),
+    (["--preset", "turbo"], "--preset: 'turbo' is not allowed; use one of default, fast, low-memory, lowest-memory"),
+    (["--model", "sd3"], "--model: 'sd3' is not allowed; use one of tinysd, sd15-arch"),
     (["--size", "100"], "--size: 100 is not allowed; use a positive multiple of 8"),
     (["--size", "0"], "--size: 0 is not allowed"),
     (["--size", "big"], "argument --size: invalid int value: 'big'"),
@@ -147,17 +147,17 @@ def test_bad_arguments_fail_in_one_line(argv, expected, capsys):
     assert err.count("\n") == 1 and expected in err
 
 
-def test_settings_are_checked_in_the_api():
+def test_arguments_are_checked_at_the_api_entrance():
     with pytest.raises(ValueError, match="size: 100 is not allowed"):
-        bench.BenchSettings(size=100, steps=3)
+        bench.run_benchmark(["tinysd"], ["default"], device="cpu", size=100)
     with pytest.raises(ValueError, match="dtype: 'int8' is not allowed"):
-        bench.BenchSettings(size=64, steps=3, dtype="int8")
-    with pytest.raises(ValueError, match="preset: 'turbo' is not a preset"):
+        bench.run_benchmark(["tinysd"], ["default"], device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="preset: 'turbo' is not allowed"):
         bench.run_benchmark(["tinysd"], ["turbo"], device="cpu")
 
 
 def test_load_results_reads_stored_runs_in_name_order(tmp_path):
-    from sdhelpers.bench import load_results
+    from sdhelpers.bench_report import load_results
 
     assert load_results(tmp_path / "missing") == {}
     (tmp_path / "b_run.json").write_text(json.dumps({"hardware": "B", "results": []}))
@@ -168,7 +168,7 @@ def test_load_results_reads_stored_runs_in_name_order(tmp_path):
 
 
 def test_peak_memory_prefers_cuda_allocated_over_rss():
-    from sdhelpers.bench import peak_memory_gib
+    from sdhelpers.bench_report import peak_memory_gib
 
     assert peak_memory_gib({"peak_allocated_gib": 2.5, "peak_rss_gib": 9.0}) == 2.5
     assert peak_memory_gib({"peak_allocated_gib": None, "peak_rss_gib": 1.25}) == 1.25

@@ -16,7 +16,8 @@ from sdhelpers.clip import (
 from sdhelpers.data import COLOURS, SHAPES, BACKGROUNDS, ShapesDataset, parse_caption
 from sdhelpers.evaluate import judge
 from sdhelpers.models import load_tokenizer
-from sdhelpers.train import SMOKE_RECIPE, build_clip
+from sdhelpers.recipe import SMOKE_RECIPE
+from sdhelpers.train import build_clip
 
 NAMES = [*(f"c:{c}" for c in COLOURS), *(f"s:{s}" for s in SHAPES), *(f"b:{b}" for b in BACKGROUNDS)]
 

@@ -13,7 +13,7 @@ from sdhelpers.finetune import DecoderFinetune, finetune_decoder, pipeline_with_
 def tiny_vae():
     from diffusers import AutoencoderKL
 
-    from sdhelpers.models import quiet_libraries
+    from sdhelpers.libraries import quiet_libraries
 
     torch.manual_seed(0)
     with quiet_libraries():

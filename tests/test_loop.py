@@ -1,4 +1,5 @@
-"""Tests of sdhelpers.loop: the source's training loop as small functions, on tiny random networks."""
+"""Tests of the source's training loop as small functions (sdhelpers.loop, with the shared sdhelpers.fit,
+sdhelpers.latents and sdhelpers.objectives), on tiny random networks."""
 
 from __future__ import annotations
 
@@ -9,32 +10,36 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sdhelpers import loop, train
+from sdhelpers import fit, loop, train
+from sdhelpers.architectures import build_unet, build_vae
+from sdhelpers.latents import LatentCache, encode_captions
+from sdhelpers.objectives import diffusion_loss
+from sdhelpers.recipe import SMOKE_RECIPE, TINYSD_NOISE_SCHEDULER_CONFIG
 from sdhelpers.checkpoint import CheckpointError, load_state, save_state
 from sdhelpers.data import ShapesDataset
 from sdhelpers.models import load_tokenizer
 
-SMOKE = train.SMOKE_RECIPE
+SMOKE = SMOKE_RECIPE
 
 
 @pytest.fixture(scope="module")
 def parts():
     """A random tiny VAE, text encoder and tokenizer, and the DDPM training schedule."""
     torch.manual_seed(0)
-    vae = train.build_vae(SMOKE.vae_config).eval().requires_grad_(False)
+    vae = build_vae(SMOKE.vae_config).eval().requires_grad_(False)
     text_encoder = train.build_clip(SMOKE).text_model.eval().requires_grad_(False)
-    return vae, text_encoder, load_tokenizer(), DDPMScheduler(**train.TINYSD_NOISE_SCHEDULER_CONFIG)
+    return vae, text_encoder, load_tokenizer(), DDPMScheduler(**TINYSD_NOISE_SCHEDULER_CONFIG)
 
 
 def _unet(seed=0):
     torch.manual_seed(seed)
-    return train.build_unet(SMOKE.unet_config)
+    return build_unet(SMOKE.unet_config)
 
 
 @pytest.fixture(scope="module")
 def cached(parts):
     vae, text_encoder, tokenizer, _ = parts
-    return loop.CachedLatents(vae, text_encoder, tokenizer, ShapesDataset(12, seed=2), batch_size=5)
+    return LatentCache.encode(vae, text_encoder, tokenizer, ShapesDataset(12, seed=2), batch_size=5)
 
 
 # --------------------------------------------------------------------------- data
@@ -110,7 +115,7 @@ def test_diffusion_loss_is_mse_against_add_noise(parts):
     unet = _unet()
     latents = torch.randn(3, 4, 8, 8)
     text = torch.randn(3, 77, SMOKE.unet_config["cross_attention_dim"])
-    loss = loop.diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(7))
+    loss = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, 1000, (3,), generator=g)
@@ -125,7 +130,7 @@ def test_diffusion_loss_is_mse_against_add_noise(parts):
 def test_diffusion_loss_rejects_mismatched_batches(parts):
     *_, scheduler = parts
     with pytest.raises(ValueError, match="text_embeddings: 2 embeddings for 3 latents"):
-        loop.diffusion_loss(_unet(), scheduler, torch.randn(3, 4, 8, 8), torch.randn(2, 77, 16), torch.Generator())
+        diffusion_loss(_unet(), scheduler, torch.randn(3, 4, 8, 8), torch.randn(2, 77, 16), torch.Generator())
 
 
 def test_training_step_runs_the_source_loop_body(parts):
@@ -148,7 +153,7 @@ def test_encode_text_is_the_last_hidden_state_of_77_tokens(parts):
     _, text_encoder, tokenizer, _ = parts
     states = loop.encode_text(text_encoder, tokenizer, ["a red circle on a blue background", ""])
     assert states.shape == (2, 77, text_encoder.config.hidden_size)
-    assert torch.equal(states, train.encode_captions(text_encoder, tokenizer, ["a red circle on a blue background", ""]))
+    assert torch.equal(states, encode_captions(text_encoder, tokenizer, ["a red circle on a blue background", ""]))
 
 
 def test_cached_latents_sample_like_the_posterior(parts, cached):
@@ -171,23 +176,23 @@ def test_cached_latents_sample_like_the_posterior(parts, cached):
 
 
 def _loss_fn(unet, cached, scheduler, generator):
-    return lambda: loop.diffusion_loss(unet, scheduler, *cached.sample(4, generator, 0.1), generator)
+    return lambda step: diffusion_loss(unet, scheduler, *cached.sample(4, generator, 0.1), generator)
 
 
 def test_train_steps_lowers_the_loss(parts, cached):
     *_, scheduler = parts
     unet = _unet()
-    optimizer, lr_scheduler = loop.make_optimizer(unet, 3e-3, steps=30, warmup_steps=2)
-    losses = loop.train_steps(unet, optimizer, lr_scheduler, _loss_fn(unet, cached, scheduler, torch.Generator().manual_seed(0)), 30)
+    optimizer, lr_scheduler = fit.make_optimizer(unet, 3e-3, steps=30, warmup_steps=2)
+    losses = fit.train_steps(unet, optimizer, lr_scheduler, _loss_fn(unet, cached, scheduler, torch.Generator().manual_seed(0)), 30)
     assert len(losses) == 30 and np.mean(losses[-6:]) < np.mean(losses[:6])
     assert lr_scheduler.last_epoch == 30 and not unet.training
 
 
 def test_make_optimizer_rejects_bad_settings():
     with pytest.raises(ValueError, match="learning_rate"):
-        loop.make_optimizer(_unet(), 0)
+        fit.make_optimizer(_unet(), 0)
     with pytest.raises(ValueError, match="warmup_steps"):
-        loop.make_optimizer(_unet(), 1e-3, steps=5, warmup_steps=5)
+        fit.make_optimizer(_unet(), 1e-3, steps=5, warmup_steps=5)
 
 
 def test_resume_is_bitwise_exact_and_needs_the_optimizer_state(parts, cached, tmp_path):
@@ -195,20 +200,20 @@ def test_resume_is_bitwise_exact_and_needs_the_optimizer_state(parts, cached, tm
 
     def fresh(seed):
         unet = _unet(seed)
-        return (unet, *loop.make_optimizer(unet, 3e-3, steps=6, warmup_steps=1), torch.Generator().manual_seed(seed))
+        return (unet, *fit.make_optimizer(unet, 3e-3, steps=6, warmup_steps=1), torch.Generator().manual_seed(seed))
 
     def run(objects, steps):
         unet, optimizer, lr_scheduler, generator = objects
-        return loop.train_steps(unet, optimizer, lr_scheduler, _loss_fn(unet, cached, scheduler, generator), steps)
+        return fit.train_steps(unet, optimizer, lr_scheduler, _loss_fn(unet, cached, scheduler, generator), steps)
 
     straight = fresh(0)
     straight_losses = run(straight, 6)
 
     first = fresh(0)
     first_losses = run(first, 3)
-    path = loop.save_training_state(tmp_path / "state.safetensors", *first, step=3, losses=first_losses)
+    path = fit.save_training_state(tmp_path / "state.safetensors", *first, step=3, losses=first_losses)
     resumed = fresh(99)  # other weights, other generator: the file must restore everything
-    step, losses = loop.load_training_state(path, *resumed)
+    step, losses = fit.load_training_state(path, *resumed)
     assert step == 3 and losses == first_losses
     losses += run(resumed, 3)
     assert losses == straight_losses
@@ -223,13 +228,13 @@ def test_resume_is_bitwise_exact_and_needs_the_optimizer_state(parts, cached, tm
 
 def test_load_training_state_refuses_foreign_or_unfitting_files(tmp_path):
     unet = _unet()
-    objects = (unet, *loop.make_optimizer(unet), torch.Generator())
+    objects = (unet, *fit.make_optimizer(unet), torch.Generator())
     save_state(tmp_path / "other.safetensors", {"kind": "something else"})
     with pytest.raises(CheckpointError, match="other.safetensors.*not written by save_training_state"):
-        loop.load_training_state(tmp_path / "other.safetensors", *objects)
-    loop.save_training_state(tmp_path / "small.safetensors", *objects, step=0)
-    bigger = train.build_unet({**SMOKE.unet_config, "block_out_channels": (32, 32)})
+        fit.load_training_state(tmp_path / "other.safetensors", *objects)
+    fit.save_training_state(tmp_path / "small.safetensors", *objects, step=0)
+    bigger = build_unet({**SMOKE.unet_config, "block_out_channels": (32, 32)})
     with pytest.raises(CheckpointError, match="does not fit"):
-        loop.load_training_state(tmp_path / "small.safetensors", bigger, *loop.make_optimizer(bigger), torch.Generator())
+        fit.load_training_state(tmp_path / "small.safetensors", bigger, *fit.make_optimizer(bigger), torch.Generator())
     with pytest.raises(ValueError, match="step"):
-        loop.save_training_state(tmp_path / "x.safetensors", *objects, step=-1)
+        fit.save_training_state(tmp_path / "x.safetensors", *objects, step=-1)

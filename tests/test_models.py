@@ -1,16 +1,17 @@
-"""Registry, loader and SD 1.5 architecture: sizes must match the real model's exactly."""
+"""Registry and loader (sdhelpers.models), and the architectures built from configs (sdhelpers.architectures):
+sizes must match the real models' exactly."""
 
 import pytest
 import torch
 
-from sdhelpers import models
+from sdhelpers import architectures, models
 
 SD15_SIZES = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
 
 
 @pytest.fixture(scope="module")
 def sd15():
-    return models.sd15_architecture()
+    return architectures.sd15_architecture()
 
 
 def test_sd15_sizes_are_exact(sd15):
@@ -30,7 +31,7 @@ def test_sd15_block_structure(sd15):
 
 
 def test_inpainting_unet_takes_nine_channels():
-    arch = models.sd15_architecture(inpainting=True)
+    arch = architectures.sd15_architecture(inpainting=True)
     assert arch.unet.conv_in.in_channels == 9
     # only conv_in grows: 5 extra input channels x 320 filters x 3 x 3
     assert arch.parameter_counts()["unet"] - SD15_SIZES["unet"] == 5 * 320 * 9
@@ -123,18 +124,18 @@ FAMILY_SIZES = {
 
 @pytest.fixture(scope="module")
 def families():
-    return {family: models.family_architecture(family) for family in models.FAMILIES}
+    return {family: architectures.family_architecture(family) for family in architectures.FAMILIES}
 
 
-@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("family", architectures.FAMILIES)
 def test_family_sizes_are_exact(families, family):
-    counts = {name: models.count_parameters(module) for name, module in families[family].items()}
+    counts = {name: architectures.count_parameters(module) for name, module in families[family].items()}
     assert counts == FAMILY_SIZES[family]
     assert list(counts) == list(FAMILY_SIZES[family])  # pipeline order
 
 
 def test_architecture_sizes_counts_the_same(families):
-    assert models.architecture_sizes("sd21") == FAMILY_SIZES["sd21"]
+    assert architectures.architecture_sizes("sd21") == FAMILY_SIZES["sd21"]
 
 
 def test_families_are_built_on_meta_with_buffers(families):
@@ -170,10 +171,10 @@ def test_sd21_text_encoder_is_openclip_h_less_one_layer(families):
 
 
 def test_prediction_types_cover_the_families():
-    assert set(models.PREDICTION_TYPES) == set(models.FAMILIES)
-    assert models.PREDICTION_TYPES["sd21"] == "v_prediction"
+    assert set(architectures.PREDICTION_TYPES) == set(architectures.FAMILIES)
+    assert architectures.PREDICTION_TYPES["sd21"] == "v_prediction"
 
 
 def test_unknown_family_is_a_clear_error():
     with pytest.raises(ValueError, match=r"^family: 'sd3' is not allowed; use one of sd15, sd21, sdxl$"):
-        models.family_architecture("sd3")
+        architectures.family_architecture("sd3")

@@ -8,12 +8,11 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
 )
 
 from sdhelpers import sampling
 from sdhelpers.data import Scene, render
-from sdhelpers.images import box_mask
+from sdhelpers.masks import box_mask
 from sdhelpers.models import load_pipeline
 
 SIZE = 16  # the tiny test pipeline's VAE downsamples 2x: 8x8 latents at 16x16

@@ -1,4 +1,5 @@
-"""Tests of sdhelpers.train and sdhelpers.checkpoint on tiny networks (the 'smoke' recipe)."""
+"""Tests of the TinySD trainer (sdhelpers.train, .export, .latents) and its checkpoints, on tiny networks
+(the 'smoke' recipe)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import pytest
 import torch
 
 from sdhelpers import checkpoint as ckpt
-from sdhelpers import train
+from sdhelpers import export, train
+from sdhelpers.architectures import build_unet, build_vae
+from sdhelpers.latents import compute_scaling_factor, encode_images
+from sdhelpers.recipe import SMOKE_RECIPE, STAGES, TINYSD_RECIPE
 from sdhelpers.data import ShapesDataset
 
-SMOKE = train.SMOKE_RECIPE
+SMOKE = SMOKE_RECIPE
 
 
 @pytest.fixture(scope="module")
 def frozen_parts():
     """A random tiny VAE and text encoder, as the UNet stage receives them."""
     torch.manual_seed(0)
-    vae = train.build_vae(SMOKE.vae_config)
+    vae = build_vae(SMOKE.vae_config)
     text_encoder = train.build_clip(SMOKE).text_model
     return vae, text_encoder
 
@@ -51,7 +55,7 @@ def test_clip_loss_decreases(tmp_path):
     recipe = SMOKE.with_stage("clip", steps=15, learning_rate=3e-3)
     result = train.train_clip(tmp_path, recipe=recipe, dataset=ShapesDataset(8, seed=1), progress=False)
     assert _mean(result.curve, "tail") < 0.8 * _mean(result.curve, "head")
-    text_encoder = train.load_component(tmp_path, "clip")
+    text_encoder = export.load_component(tmp_path, "clip")
     assert text_encoder.config.vocab_size == 49408 and text_encoder.config.max_position_embeddings == 77
 
 
@@ -75,20 +79,20 @@ def test_loss_curve_is_saved_as_json(tmp_path):
 
 def test_compute_scaling_factor_is_one_over_std():
     latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 5.0 + 1.0
-    assert train.compute_scaling_factor(latents) == pytest.approx(0.2, rel=0.02)
+    assert compute_scaling_factor(latents) == pytest.approx(0.2, rel=0.02)
     with pytest.raises(ValueError, match="latents"):
-        train.compute_scaling_factor(torch.zeros(8))
+        compute_scaling_factor(torch.zeros(8))
 
 
 def test_unet_stage_sets_scaling_factor_from_the_data(tmp_path, frozen_parts):
     vae, text_encoder = frozen_parts
-    vae = train.build_vae(SMOKE.vae_config)
+    vae = build_vae(SMOKE.vae_config)
     data = ShapesDataset(16, seed=2)
     train.train_unet(tmp_path, vae, text_encoder, recipe=SMOKE.with_stage("unet", steps=1), dataset=data,
                      progress=False)
-    cache = train.encode_dataset(vae, data)
+    mean, std, _ = encode_images(vae, data)
     # the stage draws latent_dist.sample() for every image with a generator seeded by the seed (0)
-    sampled = cache.mean + cache.std * torch.randn(cache.mean.shape, generator=torch.Generator().manual_seed(0))
+    sampled = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
     assert vae.config.scaling_factor == pytest.approx(1 / float(sampled.std()), rel=1e-4)
     assert vae.config.scaling_factor != 1.0
 
@@ -124,16 +128,16 @@ def test_checkpoint_holds_everything_to_resume(tmp_path):
     train.train_unet(tmp_path, *_fresh_parts(), recipe=SMOKE, dataset=ShapesDataset(8, seed=3), progress=False,
                      stop_at=2)
     state = ckpt.load_state(tmp_path / "unet" / "checkpoint.safetensors")
-    assert state["step"] == 2 and len(state["curve"]) == 2
+    assert state["step"] == 2 and len(state["losses"]) == 2
     assert set(state) >= {"model", "optimizer", "lr_scheduler", "ema", "rng", "info", "seconds"}
     assert state["info"]["stage"] == "unet" and isinstance(state["rng"]["torch"], torch.Tensor)
-    assert len(state["ema"]["shadow_params"]) == len(list(train.build_unet(SMOKE.unet_config).parameters()))
+    assert len(state["ema"]["shadow_params"]) == len(list(build_unet(SMOKE.unet_config).parameters()))
     assert state["lr_scheduler"]["last_epoch"] == 2
 
 
 def _fresh_parts():
     torch.manual_seed(0)
-    return train.build_vae(SMOKE.vae_config), train.build_clip(SMOKE).text_model
+    return build_vae(SMOKE.vae_config), train.build_clip(SMOKE).text_model
 
 
 @pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
@@ -232,7 +236,7 @@ def test_empty_dataset_and_zero_batch_size_are_refused(tmp_path):
 
 def test_unet_refuses_a_text_encoder_of_the_wrong_width(tmp_path):
     vae, _ = _fresh_parts()
-    wide = train.build_clip(train.TINYSD_RECIPE).text_model
+    wide = train.build_clip(TINYSD_RECIPE).text_model
     with pytest.raises(ValueError, match="cross_attention_dim"):
         train.train_unet(tmp_path, vae, wide, recipe=SMOKE, progress=False)
 
@@ -258,7 +262,7 @@ def test_all_writes_a_pipeline_that_loads_offline_and_generates(tmp_path, monkey
     training = json.loads((out / "training.json").read_text())
     assert training["seed"] == 5 and set(training["stages"]) == {"vae", "clip", "unet"}
     assert {"torch", "diffusers", "transformers"} <= set(training["versions"])
-    assert all(training["stages"][s]["seconds"] >= 0 for s in train.STAGES)
+    assert all(training["stages"][s]["seconds"] >= 0 for s in STAGES)
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
@@ -281,17 +285,17 @@ def test_export_uses_fp16_only_when_needed_and_still_loads_fp32(tmp_path):
     from safetensors import safe_open
 
     vae, text_encoder = _fresh_parts()
-    unet = train.build_unet(SMOKE.unet_config)
-    fp32_megabytes = train._parameter_megabytes([vae, text_encoder, unet], 4)
-    small = train.export_pipeline(tmp_path / "fp16", vae, text_encoder, unet, max_megabytes=fp32_megabytes)
+    unet = build_unet(SMOKE.unet_config)
+    fp32_megabytes = export.parameter_megabytes([vae, text_encoder, unet], 4)
+    small = export.export_pipeline(tmp_path / "fp16", vae, text_encoder, unet, max_megabytes=fp32_megabytes)
     with safe_open(str(small / "text_encoder" / "model.safetensors"), "pt") as handle:
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
     pipe = StableDiffusionPipeline.from_pretrained(small, local_files_only=True)
     assert pipe.text_encoder.dtype == torch.float32 and pipe.unet.dtype == torch.float32
-    roomy = train.export_pipeline(tmp_path / "fp32", vae, text_encoder, unet, max_megabytes=100.0)
+    roomy = export.export_pipeline(tmp_path / "fp32", vae, text_encoder, unet, max_megabytes=100.0)
     with safe_open(str(roomy / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float32
     with pytest.raises(ValueError, match="out: .* not a diffusers pipeline folder"):
         (tmp_path / "notes").mkdir()
         (tmp_path / "notes" / "keep.txt").write_text("mine")
-        train.export_pipeline(tmp_path / "notes", vae, text_encoder, unet)
+        export.export_pipeline(tmp_path / "notes", vae, text_encoder, unet)

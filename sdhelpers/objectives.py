@@ -1,0 +1,145 @@
+"""The three training objectives of Stable Diffusion's recipe, each a loss of one batch.
+
+Why a module: the trainer (:mod:`sdhelpers.train`), chapter 4's loop (:mod:`sdhelpers.loop`) and the
+tests share these losses, and an objective written once cannot drift between the code a chapter
+teaches and the code that trained the shipped model.
+
+- :class:`VAEObjective`: the autoencoder's reconstruction + KL loss (:func:`vae_loss`);
+- :class:`ContrastiveCLIP`: a mini CLIP whose forward is the symmetric InfoNCE loss;
+- :func:`diffusion_loss`: SD's UNet objective, MSE between the true and the predicted noise.
+
+The first two are modules whose ``forward`` returns the loss, so that Accelerate can wrap them
+for several processes (DDP synchronises gradients through the wrapped module's forward); the
+UNet is wrapped itself and :func:`diffusion_loss` calls it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdhelpers import checks
+from sdhelpers.architectures import build_text_encoder
+
+
+class VAEObjective(nn.Module):
+    """Wraps the VAE so one ``forward`` returns its training loss (what Accelerate/DDP can wrap).
+
+    ``eps`` is the noise of the reparameterised posterior sample ``z = mean + std * eps``, drawn
+    by the caller from the step's generator.
+    """
+
+    def __init__(self, vae: nn.Module, weights: dict[str, float]) -> None:
+        super().__init__()
+        self.model = vae
+        self.weights = dict(weights)
+
+    def forward(self, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        posterior = self.model.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
+        reconstruction = self.model.decode(latents).sample.float()
+        return vae_loss(reconstruction, images.float(), posterior.kl().float(), self.weights)
+
+
+def vae_loss(reconstruction: torch.Tensor, images: torch.Tensor, kl: torch.Tensor, weights: dict[str, float]) -> torch.Tensor:
+    """L1 + MSE + edge + KL, each weighted by ``weights``.
+
+    - L1 keeps flat colours exact; MSE punishes the few large errors (a wrong colour patch).
+    - The edge term compares horizontal and vertical pixel differences: it is what keeps a shape's
+      outline sharp where L1/MSE alone accept a soft blur.
+    - KL (per image, summed over the latent) is divided by the pixels per image, so its weight
+      means what SD's ``kl_weight = 1e-6`` means next to a per-pixel reconstruction sum.
+    """
+    difference = reconstruction - images
+    l1 = difference.abs().mean()
+    mse = difference.pow(2).mean()
+    dx = (reconstruction.diff(dim=-1) - images.diff(dim=-1)).abs().mean()
+    dy = (reconstruction.diff(dim=-2) - images.diff(dim=-2)).abs().mean()
+    kl_per_pixel = kl.mean() / images[0].numel()
+    return (weights["l1"] * l1 + weights["mse"] * mse + weights["edge"] * (dx + dy) / 2
+            + weights["kl"] * kl_per_pixel)
+
+
+class TinyImageTower(nn.Module):
+    """CLIP's image tower, shrunk to a CNN: stride-2 convolutions, average pooling, a projection."""
+
+    def __init__(self, channels: Sequence[int] = (32, 64, 128, 128), embed_dim: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = 3
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.GroupNorm(min(8, width), width), nn.SiLU()]
+            previous = width
+        layers += [nn.Conv2d(previous, previous, 3, padding=1), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.projection = nn.Linear(previous, embed_dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.features(pixel_values).mean(dim=(2, 3)))
+
+
+class ContrastiveCLIP(nn.Module):
+    """A mini CLIP: ``CLIPTextModel`` + :class:`TinyImageTower`, projections and a learnable temperature.
+
+    ``forward`` returns the symmetric InfoNCE loss of a batch. Captions repeat a lot in the shapes
+    world (75 distinct training captions), so a plain one-hot target would call the image of an
+    identical caption a negative; the target instead spreads evenly over every item with the same
+    caption (``caption_ids``), which removes that noise.
+    """
+
+    def __init__(self, text_config: dict[str, Any], image_tower_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.text_model = build_text_encoder(text_config)
+        embed_dim = int(image_tower_config["embed_dim"])
+        self.image_model = TinyImageTower(tuple(image_tower_config["channels"]), embed_dim)
+        self.text_projection = nn.Linear(int(text_config["hidden_size"]), embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pooled = self.text_model(input_ids=input_ids).pooler_output
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_model(pixel_values), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        text = self.embed_text(input_ids)
+        image = self.embed_images(pixel_values)
+        logits = self.logit_scale.exp().clamp(max=100) * text @ image.T
+        same = (caption_ids[:, None] == caption_ids[None, :]).float()
+        targets = same / same.sum(dim=1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    noise_scheduler,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """SD's training objective on a batch of (already scaled) latents: MSE between true and predicted noise.
+
+    Draws Gaussian noise like the latents and one timestep per item, uniform in
+    ``[0, num_train_timesteps)``, noises the latents with ``noise_scheduler.add_noise`` (the closed
+    form ``sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε``) and asks the UNet for ``ε``.
+    """
+    checks.generator(generator)
+    if latents.dim() != 4:
+        raise ValueError(f"latents: expected a batch (B, C, h, w), got shape {tuple(latents.shape)}")
+    if text_embeddings.shape[0] != latents.shape[0]:
+        raise ValueError(
+            f"text_embeddings: {text_embeddings.shape[0]} embeddings for {latents.shape[0]} latents; they must match"
+        )
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
+    return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
