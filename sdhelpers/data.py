@@ -6,7 +6,7 @@ so no data files exist: the same seed gives the same bytes on every machine.
 
 Why a synthetic world? It is small enough to train a real Stable Diffusion (same classes, scaled
 down) on a laptop CPU, and every caption is exactly true, so a pixel-level judge
-(:mod:`sdhelpers.evaluate`) can score whether a generated image obeys its prompt.
+(:mod:`sdhelpers.judge`) can score whether a generated image obeys its prompt.
 
 Rules of the world:
 
@@ -89,6 +89,10 @@ SPLITS: tuple[str, ...] = ("train", "held_out")
 
 CAPTION_TEMPLATE = "a {colour} {shape} on a {background} background"
 
+OPEN_ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "background")
+"""What an open caption may leave unsaid, one at a time (see :func:`open_caption`)."""
+
+_OPEN_RE = re.compile(r"an? (?:(?P<colour>[a-z]+) )?(?P<shape>[a-z]+)(?: on an? (?P<background>[a-z]+) background)?")
 _CAPTION_RE = re.compile(r"an? (?P<colour>[a-z]+) (?P<shape>[a-z]+) on an? (?P<background>[a-z]+) background")
 
 
@@ -140,6 +144,48 @@ def caption(colour: str, shape: str, background: str) -> str:
     checks.choice(shape, tuple(SHAPES), "shape")
     checks.choice(background, tuple(BACKGROUNDS), "background")
     return CAPTION_TEMPLATE.format(colour=colour, shape=shape, background=background)
+
+
+def open_caption(colour: str | None = None, shape: str | None = None, background: str | None = None) -> str:
+    """A caption that may leave attributes unsaid, as people write prompts.
+
+    ``open_caption(shape="circle", background="white")`` is ``"a circle on a white background"``,
+    ``open_caption("red", "square")`` is ``"a red square"`` and an unsaid shape is the word "shape":
+    ``"a green shape on a black background"``. With all three it is :func:`caption`. Trained on
+    such captions, a model learns to fill in what a prompt leaves open, and a negative prompt has
+    something to push against.
+    """
+    if colour is None and shape is None and background is None:
+        raise ValueError("open_caption: say at least one of colour, shape and background")
+    if colour is not None:
+        checks.choice(colour, tuple(COLOURS), "colour")
+    if shape is not None:
+        checks.choice(shape, tuple(SHAPES), "shape")
+    if background is not None:
+        checks.choice(background, tuple(BACKGROUNDS), "background")
+    head = " ".join(w for w in ("a", colour, shape or "shape") if w)
+    return f"{head} on a {background} background" if background else head
+
+
+def parse_open_caption(text: str) -> dict[str, str | None] | None:
+    """The attributes a caption states (``None`` for an unsaid one); ``None`` if it is not the world's.
+
+    Reads everything :func:`open_caption` writes, full captions included, with the same forgiveness
+    as :func:`parse_caption`.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a caption string, got {type(text).__name__}")
+    match = _OPEN_RE.fullmatch(" ".join(text.lower().split()).rstrip("."))
+    if match is None:
+        return None
+    said = {"colour": match["colour"], "shape": None if match["shape"] == "shape" else match["shape"],
+            "background": match["background"]}
+    known = {"colour": COLOURS, "shape": SHAPES, "background": BACKGROUNDS}
+    if any(v is not None and v not in known[k] for k, v in said.items()) or not any(said.values()):
+        return None
+    if said["colour"] is not None and said["colour"] == said["background"]:
+        return None
+    return said
 
 
 def parse_caption(text: str) -> Scene | None:
@@ -278,6 +324,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         split: str = "train",
         transform: Callable[[Image.Image], Any] | None = None,
+        open_captions: float = 0.0,
     ) -> None:
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size <= 0:
             raise ValueError(f"size: {size!r} is not allowed; use a positive integer number of items")
@@ -287,6 +334,7 @@ class ShapesDataset(Dataset):
         self.seed = checks.seed(seed)
         self.split = _check_split(split)
         self.transform = transform if transform is not None else _to_tensor
+        self.open_captions = checks.probability(open_captions, "open_captions")
 
     def __len__(self) -> int:
         return self.size
@@ -305,9 +353,24 @@ class ShapesDataset(Dataset):
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
         return sample_scene(rng, self.split)
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
+    def text(self, idx: int) -> str:
+        """Item ``idx``'s caption: the full one, or with ``open_captions`` probability one attribute unsaid.
+
+        Which captions are open, and what they leave out, is seeded by ``(seed, split, idx)`` too.
+        """
         scene = self.scene(idx)
-        return {"image": self.transform(render(scene)), "text": scene.caption}
+        if not self.open_captions:
+            return scene.caption
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), self._index(idx), 7])
+        if rng.random() >= self.open_captions:
+            return scene.caption
+        unsaid = OPEN_ATTRIBUTES[int(rng.integers(len(OPEN_ATTRIBUTES)))]
+        said = {"colour": scene.colour, "shape": scene.shape, "background": scene.background}
+        return open_caption(**{k: (None if k == unsaid else v) for k, v in said.items()})
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return {"image": self.transform(render(self.scene(idx))), "text": self.text(idx)}
 
     def __repr__(self) -> str:
-        return f"ShapesDataset(size={self.size}, seed={self.seed}, split={self.split!r})"
+        extra = f", open_captions={self.open_captions}" if self.open_captions else ""
+        return f"ShapesDataset(size={self.size}, seed={self.seed}, split={self.split!r}{extra})"

@@ -178,7 +178,7 @@ an interrupted run exactly); the second measures the figures below and rewrites 
 {settings['train_prompts']} training-composition prompts and {settings['held_out_prompts']}
 held-out ones, one image each, {settings['steps']} {settings['scheduler']} steps, guidance
 {settings['guidance_scale']}, seeds from {settings['seed']}, graded from pixels by
-`sdhelpers.evaluate.judge` (right on more than 99% of real dataset images).
+`sdhelpers.judge.judge` (right on more than 99% of real dataset images).
 
 {quality_table(training, quality)}
 

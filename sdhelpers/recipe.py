@@ -71,6 +71,7 @@ class Recipe:
     vae_loss: dict[str, float] = dataclasses.field(default_factory=lambda: dict(TINYSD_VAE_LOSS))
     vae_initial_logvar: float | None = -6.0
     caption_dropout: float = 0.1
+    open_captions: float = 0.0  # share of CLIP and UNet training captions with one attribute unsaid
     eval_images: int = 256  # images per split for the end-of-stage VAE PSNR and CLIP accuracy
     noise_scheduler_config: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(TINYSD_NOISE_SCHEDULER_CONFIG)

@@ -194,7 +194,8 @@ def _dataset(stage: Stage, dataset: Any) -> Any:
         return checks.dataset(dataset)
     from sdhelpers.data import ShapesDataset
 
-    return ShapesDataset(stage.settings.dataset_size, seed=stage.seed, split="train")
+    open_captions = 0.0 if stage.name == "vae" else stage.recipe.open_captions
+    return ShapesDataset(stage.settings.dataset_size, seed=stage.seed, split="train", open_captions=open_captions)
 
 
 def _seed_init(stage: Stage) -> None:

@@ -14,7 +14,7 @@ from sdhelpers.clip import (
     zero_shot_classify,
 )
 from sdhelpers.data import COLOURS, SHAPES, BACKGROUNDS, ShapesDataset, parse_caption
-from sdhelpers.evaluate import judge
+from sdhelpers.judge import judge
 from sdhelpers.models import load_tokenizer
 from sdhelpers.recipe import SMOKE_RECIPE
 from sdhelpers.train import build_clip

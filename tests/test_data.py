@@ -229,3 +229,49 @@ def test_dataset_errors():
     with pytest.raises(IndexError, match="idx"):
         ShapesDataset(size=4)[4]
     assert SPLITS == ("train", "held_out")
+
+
+# --------------------------------------------------------------------------- open captions
+
+
+def test_open_caption_leaves_attributes_unsaid():
+    from sdhelpers.data import open_caption
+
+    assert open_caption(shape="circle", background="white") == "a circle on a white background"
+    assert open_caption("red", "square") == "a red square"
+    assert open_caption("green", None, "black") == "a green shape on a black background"
+    assert open_caption("red", "circle", "blue") == caption("red", "circle", "blue")
+    with pytest.raises(ValueError, match="say at least one"):
+        open_caption()
+    with pytest.raises(ValueError, match="colour: 'teal'"):
+        open_caption("teal", "circle")
+
+
+def test_parse_open_caption_reads_what_is_said():
+    from sdhelpers.data import parse_open_caption
+
+    assert parse_open_caption("a circle on a white background") == {
+        "colour": None, "shape": "circle", "background": "white"}
+    assert parse_open_caption("A red square.") == {"colour": "red", "shape": "square", "background": None}
+    assert parse_open_caption("a green shape on a black background")["shape"] is None
+    for text in ("a red", "a shape", "a teal circle", "a red circle on a red background", "hello"):
+        assert parse_open_caption(text) is None, text
+
+
+def test_dataset_opens_the_asked_share_of_captions_deterministically():
+    from sdhelpers.data import parse_open_caption
+
+    data = ShapesDataset(400, seed=5, open_captions=0.25)
+    texts = [data[i]["text"] for i in range(len(data))]
+    open_share = sum(text != data.scene(i).caption for i, text in enumerate(texts)) / len(texts)
+    assert 0.19 < open_share < 0.31
+    for i, text in enumerate(texts):  # what an open caption says is true of its image
+        scene = data.scene(i)
+        said = parse_open_caption(text)
+        assert sum(v is None for v in said.values()) <= 1
+        assert all(v is None or v == getattr(scene, k) for k, v in said.items())
+    assert texts == [ShapesDataset(400, seed=5, open_captions=0.25)[i]["text"] for i in range(400)]
+    assert [ShapesDataset(20, seed=5)[i]["text"] for i in range(20)] == [data.scene(i).caption for i in range(20)]
+    assert "open_captions=0.25" in repr(data) and "open" not in repr(ShapesDataset(3))
+    with pytest.raises(ValueError, match="open_captions"):
+        ShapesDataset(3, open_captions=1.5)

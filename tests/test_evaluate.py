@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from sdhelpers.data import BACKGROUNDS, Scene, ShapesDataset, render, sample_scene
-from sdhelpers.evaluate import Verdict, judge, score
+from sdhelpers.judge import Verdict, judge, score
 
 
 def _scenes(n_per_split: int, seed: int) -> list[Scene]:

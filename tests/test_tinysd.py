@@ -32,7 +32,7 @@ def test_plain_diffusers_loads_tinysd_offline_in_fp32(task, monkeypatch):
 
 
 def test_load_pipeline_default_is_tinysd_and_follows_a_prompt():
-    from sdhelpers.evaluate import judge
+    from sdhelpers.judge import judge
     from sdhelpers.models import load_pipeline
 
     pipe = load_pipeline(device="cpu")
