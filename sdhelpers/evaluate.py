@@ -124,6 +124,69 @@ def quality_report(pipe: Any, *, train_prompts: int = 200, held_out_prompts: int
     return {"settings": settings, "train": train, "held_out": held_out}
 
 
+GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 12.0)
+"""The guidance scales of :func:`guidance_sweep`: from none to beyond SD's default 7.5."""
+
+OTHER_SCHEDULERS = ("ddim", "dpm++")
+"""Samplers besides SD 1.5's PNDM that the model card grades (names of :data:`sdhelpers.sampling.SCHEDULERS`)."""
+
+
+def guidance_sweep(pipe: Any, prompts: Sequence[str], scales: Sequence[float] = GUIDANCE_SWEEP, *,
+                   steps: int = 25, seed: int = 0) -> dict[str, dict[str, float]]:
+    """:func:`grade_pipeline` at each guidance scale, same prompts and seeds: where does adherence hold?"""
+    return {str(scale): grade_pipeline(pipe, prompts, steps=steps, guidance_scale=scale, seed=seed) for scale in scales}
+
+
+def scheduler_report(pipe: Any, prompts: Sequence[str], names: Sequence[str] = OTHER_SCHEDULERS, *,
+                     steps: int = 25, guidance_scale: float = 7.5, seed: int = 0) -> dict[str, dict[str, float]]:
+    """:func:`grade_pipeline` with other samplers built from the pipeline's own schedule.
+
+    The pipeline's scheduler is swapped for each and put back afterwards.
+    """
+    from sdhelpers.sampling import use_scheduler
+
+    original, report = pipe.scheduler, {}
+    try:
+        for name in names:
+            use_scheduler(pipe, name)
+            report[name] = grade_pipeline(pipe, prompts, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    finally:
+        pipe.scheduler = original
+    return report
+
+
+@torch.no_grad()
+def negative_prompt_effect(pipe: Any, prompt: str = "a circle on a white background",
+                           negative_prompt: str = "a red circle on a white background", *, count: int = 32,
+                           steps: int = 25, guidance_scale: float = 7.5, seed: int = 0) -> dict[str, Any]:
+    """What a negative prompt does to an open prompt: the colours drawn over ``count`` seeds, without and with it.
+
+    The prompt leaves the colour open, so the model picks one per seed; the negative prompt names
+    one colour (red by default). Reported: the count of each colour without and with the negative,
+    and how often the stated attributes (shape, background) are still right with it.
+    """
+    from collections import Counter
+
+    from sdhelpers.data import parse_open_caption
+    from sdhelpers.judge import judge
+
+    said = parse_open_caption(prompt)
+    if said is None:
+        raise ValueError(f"prompt: {prompt!r} is not a shapes-world caption (see sdhelpers.data.open_caption)")
+    count = checks.positive_int(count, "count")
+    result: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt, "count": count}
+    for key, negative in (("without", None), ("with", negative_prompt)):
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+        images = pipe([prompt] * count, negative_prompt=None if negative is None else [negative] * count,
+                      height=64, width=64, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=generators).images
+        verdicts = [judge(image) for image in images]
+        result[f"colours_{key}"] = dict(Counter(v.colour for v in verdicts).most_common())
+        result[f"stated_right_{key}"] = float(np.mean([
+            all(getattr(v, k) == want for k, want in said.items() if want is not None) for v in verdicts]))
+    return result
+
+
 def seconds_per_image(pipe: Any, *, steps: int = 25, guidance_scale: float = 7.5, repeats: int = 5) -> float:
     """Median wall-clock seconds for one 64×64 image (batch 1) after one warm-up call."""
     import statistics

@@ -85,7 +85,10 @@ def verdicts(report: Path) -> dict[str, str]:
     cases = defaultdict(list)
     for case in ET.parse(report).iter("testcase"):
         file = case.get("file") or case.get("classname", "").replace(".", "/")
-        name = Path(file).name if file.endswith(".ipynb") else "unit and browser tests"
+        if file.endswith(".ipynb"):
+            name = Path(file).name
+        else:
+            name = "browser check" if "test_book_browser" in file else "unit tests"
         cases[name].append(case)
     result = {}
     for name, items in sorted(cases.items()):
@@ -113,12 +116,15 @@ def main(argv=None) -> int:
         mark = "" if version == pins[name] else "   <- newer than the pin"
         print(f"  {name:<14} {version:<16} ({pins[name]}){mark}")
 
-    book = run(VENV / "bin" / "jupyter-book", "build", "book", "-W", "-n", "--keep-going")
+    book = run(VENV / "bin" / "jupyter-book", "build", "book", "-W", "-n", "--keep-going",
+               capture_output=True, text=True)
+    print(book.stdout[-2000:], book.stderr[-2000:], sep="\n")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     run(python, "-m", "pytest", "-q", f"--junitxml={REPORT}", "-o", "junit_family=xunit1")
 
     print("\nverdict with the newest releases:")
-    print(f"  {'book build':<34} {'passed' if book.returncode == 0 else 'FAILED'}")
+    book_verdict = "passed" if book.returncode == 0 else f"FAILED: {first_line(book.stderr or book.stdout)}"
+    print(f"  {'book build':<34} {book_verdict}")
     results = verdicts(REPORT)
     for name, verdict in results.items():
         print(f"  {name:<34} {verdict}")

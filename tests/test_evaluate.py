@@ -150,6 +150,32 @@ def test_grade_pipeline_scores_one_image_per_prompt_independently_of_batch_size(
         grade_pipeline(pipe, prompts, batch_size=0)
 
 
+def test_guidance_sweep_and_other_schedulers_grade_the_same_prompts(tiny_pipeline_dir):
+    from sdhelpers.evaluate import grade_pipeline, guidance_sweep, scheduler_report
+    from sdhelpers.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    prompts = ["a red circle on a blue background", "a white square on a black background"]
+    sweep = guidance_sweep(pipe, prompts, (1.0, 7.5), steps=2)
+    assert list(sweep) == ["1.0", "7.5"] and sweep["7.5"] == grade_pipeline(pipe, prompts, steps=2)
+    original = pipe.scheduler
+    report = scheduler_report(pipe, prompts, ("ddim", "dpm++"), steps=2)
+    assert list(report) == ["ddim", "dpm++"] and all(r["n"] == 2 for r in report.values())
+    assert pipe.scheduler is original  # put back
+
+
+def test_negative_prompt_effect_counts_the_colours_with_and_without(tiny_pipeline_dir):
+    from sdhelpers.evaluate import negative_prompt_effect
+    from sdhelpers.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    effect = negative_prompt_effect(pipe, count=3, steps=2)
+    assert sum(effect["colours_without"].values()) == sum(effect["colours_with"].values()) == 3
+    assert 0 <= effect["stated_right_with"] <= 1 and effect["negative_prompt"] == "a red circle on a white background"
+    with pytest.raises(ValueError, match="prompt"):
+        negative_prompt_effect(pipe, prompt="a teal blob", count=1)
+
+
 def test_model_card_renders_measured_figures_and_flags_missed_targets(tmp_path):
     from sdhelpers.model_card import quality_table, write_model_card
 
