@@ -118,11 +118,13 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def sample(self, batch_size: int, generator: torch.Generator,
-               caption_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator, caption_dropout: float = 0.0,
+               with_captions: bool = False):
         """``(latents, text_embeddings)`` of ``batch_size`` random items (with replacement), on the CPU.
 
         The draws, in order: the items, their posterior noise, then which captions are dropped.
+        ``with_captions=True`` also returns each item's own caption embedding and the dropped mask
+        (the same draws), for a loss that compares the two branches.
         """
         batch_size = checks.positive_int(batch_size, "batch_size")
         caption_dropout = checks.probability(caption_dropout, "caption_dropout")
@@ -132,6 +134,8 @@ class LatentCache:
         latents = (self.mean[index] + self.std[index] * eps) * self.scaling_factor
         dropped = torch.rand(batch_size, generator=generator) < caption_dropout
         ids = torch.where(dropped, torch.full_like(index, self.empty_id), self.caption_ids[index])
+        if with_captions:
+            return latents, self.embeddings[ids], self.embeddings[self.caption_ids[index]], dropped
         return latents, self.embeddings[ids]
 
 

@@ -116,6 +116,20 @@ class ContrastiveCLIP(nn.Module):
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+def noised(noise_scheduler, latents: torch.Tensor, generator: torch.Generator):
+    """SD's forward process on a batch: ``(noisy latents, the noise, the timesteps)``.
+
+    Gaussian noise like the latents, then one timestep per item, uniform in
+    ``[0, num_train_timesteps)``, both from ``generator``; ``add_noise`` is the closed form
+    ``sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε``.
+    """
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
+    return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
 def diffusion_loss(
     unet: nn.Module,
     noise_scheduler,
@@ -136,10 +150,31 @@ def diffusion_loss(
         raise ValueError(
             f"text_embeddings: {text_embeddings.shape[0]} embeddings for {latents.shape[0]} latents; they must match"
         )
-    device = latents.device
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
-    steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents, noise, timesteps = noised(noise_scheduler, latents, generator)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
     return F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+
+
+def consistent_diffusion_loss(unet: nn.Module, noise_scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
+                              caption_embeddings: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator,
+                              weight: float, below_timestep: int) -> torch.Tensor:
+    """:func:`diffusion_loss` plus a pull of the empty-prompt branch towards the prompted one at low noise.
+
+    Where the noise is low the latent already fixes the picture, so the best empty-prompt
+    prediction equals the prompted one; classifier-free guidance multiplies any difference by
+    ``s - 1``. For the items whose caption was dropped and whose timestep is below
+    ``below_timestep``, the UNet's prediction is also pulled (with ``weight``) towards its own
+    prediction with the real caption, which is held fixed (no gradient). Same draws as
+    :func:`diffusion_loss`, so ``weight=0`` gives exactly it.
+    """
+    noisy_latents, noise, timesteps = noised(noise_scheduler, latents, generator)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
+    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+    taught = dropped.to(timesteps.device) & (timesteps < below_timestep)
+    if weight and bool(taught.any()):
+        with torch.no_grad():
+            target = unet(noisy_latents[taught], timesteps[taught],
+                          encoder_hidden_states=caption_embeddings[taught]).sample
+        pull = F.mse_loss(model_pred[taught].float(), target.float(), reduction="sum") / model_pred[0].numel()
+        loss = loss + weight * pull / latents.shape[0]
+    return loss

@@ -72,6 +72,8 @@ class Recipe:
     vae_initial_logvar: float | None = -6.0
     caption_dropout: float = 0.1
     open_captions: float = 0.0  # share of CLIP and UNet training captions with one attribute unsaid
+    branch_consistency: float = 0.0  # weight of objectives.consistent_diffusion_loss's pull (0: SD's loss)
+    consistency_below_timestep: int = 400
     eval_images: int = 256  # images per split for the end-of-stage VAE PSNR and CLIP accuracy
     noise_scheduler_config: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(TINYSD_NOISE_SCHEDULER_CONFIG)

@@ -58,7 +58,7 @@ from sdhelpers.fit import (
 )
 from sdhelpers.latents import LatentCache, batch_of, cached_posteriors, compute_scaling_factor, fingerprint
 from sdhelpers.models import TokenCache, load_tokenizer
-from sdhelpers.objectives import ContrastiveCLIP, VAEObjective, diffusion_loss
+from sdhelpers.objectives import ContrastiveCLIP, VAEObjective, consistent_diffusion_loss, diffusion_loss
 from sdhelpers.recipe import PRESETS, STAGES, TINYSD_RECIPE, Recipe, StageSettings, check_settings
 
 COMMANDS = (*STAGES, "all")
@@ -338,10 +338,18 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
 
     def batch_loss(unet: nn.Module, step: int) -> torch.Tensor:
         generator = stage.generator(step)
-        latents, text = cache.sample(stage.local_batch, generator, recipe.caption_dropout)
-        return diffusion_loss(unet, noise_scheduler, latents.to(device), text.to(device), generator)
+        if not recipe.branch_consistency:
+            latents, text = cache.sample(stage.local_batch, generator, recipe.caption_dropout)
+            return diffusion_loss(unet, noise_scheduler, latents.to(device), text.to(device), generator)
+        latents, text, captions, dropped = cache.sample(stage.local_batch, generator, recipe.caption_dropout,
+                                                        with_captions=True)
+        return consistent_diffusion_loss(unet, noise_scheduler, latents.to(device), text.to(device),
+                                         captions.to(device), dropped, generator, recipe.branch_consistency,
+                                         recipe.consistency_below_timestep)
 
     extra = {"caption_dropout": recipe.caption_dropout, "noise_scheduler": recipe.noise_scheduler_config,
+             "open_captions": recipe.open_captions, "branch_consistency": recipe.branch_consistency,
+             "consistency_below_timestep": recipe.consistency_below_timestep,
              "vae": fingerprint(vae), "text_encoder": fingerprint(text_encoder)}
     result = run_stage(stage, build_unet(recipe.unet_config), batch_loss, _info(stage, recipe.unet_config, extra, dataset),
                        resume=resume, stop_at=stop_at, progress=progress)

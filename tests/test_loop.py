@@ -238,3 +238,22 @@ def test_load_training_state_refuses_foreign_or_unfitting_files(tmp_path):
         fit.load_training_state(tmp_path / "small.safetensors", bigger, *fit.make_optimizer(bigger), torch.Generator())
     with pytest.raises(ValueError, match="step"):
         fit.save_training_state(tmp_path / "x.safetensors", *objects, step=-1)
+
+
+def test_consistent_loss_is_sd_loss_plus_a_pull_on_the_dropped_items(parts, cached):
+    from sdhelpers.objectives import consistent_diffusion_loss
+
+    *_, scheduler = parts
+    unet = _unet()
+    latents, text, captions, dropped = cached.sample(6, torch.Generator().manual_seed(4), 0.5, with_captions=True)
+    plain = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(5))
+    args = (unet, scheduler, latents, text, captions, dropped)
+    same = consistent_diffusion_loss(*args, torch.Generator().manual_seed(5), weight=0.0, below_timestep=1000)
+    assert torch.equal(plain, same)
+    pulled = consistent_diffusion_loss(*args, torch.Generator().manual_seed(5), weight=1.0, below_timestep=1000)
+    assert bool(dropped.any()) and pulled > plain
+    none = torch.zeros_like(dropped)
+    assert torch.equal(consistent_diffusion_loss(unet, scheduler, latents, text, captions, none,
+                                                 torch.Generator().manual_seed(5), 1.0, 1000), plain)
+    again, again_text = cached.sample(6, torch.Generator().manual_seed(4), 0.5)
+    assert torch.equal(again, latents) and torch.equal(again_text, text)  # the same draws either way
