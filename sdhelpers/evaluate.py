@@ -206,8 +206,26 @@ LOW_GUIDANCE = 3.0
 """A second guidance scale the card reports besides SD's default 7.5 (see :func:`measure_model`)."""
 
 
+def extended_report(pipe: Any, *, train_prompts: int = 200, sweep_prompts: int = 100, negative_count: int = 32,
+                    gap_count: int = 64, seed: int = 0, steps: int = 25) -> dict[str, Any]:
+    """What decides whether a model holds at SD's settings: twice the steps, other samplers, a guidance
+    sweep, the branch gap by timestep and a negative prompt's effect (see :mod:`sdhelpers.guidance`)."""
+    from sdhelpers.guidance import branch_gap
+
+    prompts = adherence_prompts("train", train_prompts, seed)
+    return {
+        f"pndm_{2 * steps}_steps": grade_pipeline(pipe, prompts, steps=2 * steps, seed=seed),
+        "schedulers": scheduler_report(pipe, prompts, steps=steps, seed=seed),
+        "guidance_sweep": guidance_sweep(pipe, adherence_prompts("train", sweep_prompts, seed), steps=steps,
+                                         seed=seed),
+        "branch_gap": {str(t): row for t, row in branch_gap(pipe, count=gap_count, seed=seed).items()},
+        "negative_prompt": negative_prompt_effect(pipe, count=negative_count, steps=steps, seed=seed),
+    }
+
+
 def measure_model(folder: Any, *, train_prompts: int = 200, held_out_prompts: int = 100, seed: int = 0,
-                  speed_repeats: int = 5, low_guidance: float | None = LOW_GUIDANCE) -> dict[str, Any]:
+                  speed_repeats: int = 5, low_guidance: float | None = LOW_GUIDANCE, extended: bool = True,
+                  sweep_prompts: int = 100, negative_count: int = 32, gap_count: int = 64) -> dict[str, Any]:
     """Everything the model card reports about a pipeline folder: adherence, VAE PSNR, speed, sizes.
 
     Adherence is measured at SD's default guidance 7.5 (the targets) and, unless ``low_guidance``
@@ -227,6 +245,9 @@ def measure_model(folder: Any, *, train_prompts: int = 200, held_out_prompts: in
             low = quality_report(pipe, train_prompts=train_prompts, held_out_prompts=held_out_prompts, seed=seed,
                                  guidance_scale=low_guidance)
             report["low_guidance"] = {"guidance_scale": low_guidance, "train": low["train"], "held_out": low["held_out"]}
+        if extended:
+            report.update(extended_report(pipe, train_prompts=train_prompts, sweep_prompts=sweep_prompts,
+                                          negative_count=negative_count, gap_count=gap_count, seed=seed))
         report["vae_psnr"] = round(vae_psnr(pipe.vae, 256, split="held_out"), 3)
         report["seconds_per_image"] = round(seconds_per_image(pipe, repeats=speed_repeats), 4)
     report.update(speed_repeats=speed_repeats, hardware=hardware_summary("cpu"), threads=torch.get_num_threads(),
@@ -251,13 +272,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--held-out-prompts", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--basic", action="store_true",
+                        help="only the adherence table, the VAE PSNR and the speed (no sweep, samplers, gap, negatives)")
     parser.add_argument("--write", action="store_true", help="write quality.json and README.md into the folder")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = measure_model(args.model, train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
-                           seed=args.seed)
-    shown = ("train", "held_out", "low_guidance", "vae_psnr", "seconds_per_image")
+                           seed=args.seed, extended=not args.basic)
+    shown = ("train", "held_out", "low_guidance", "pndm_50_steps", "schedulers", "guidance_sweep", "branch_gap",
+             "negative_prompt", "vae_psnr", "seconds_per_image")
     print(json.dumps({k: report[k] for k in shown if k in report}, indent=1))
     if args.write:
         atomic_write_json(args.model / "quality.json", report)

@@ -196,3 +196,16 @@ def test_model_card_renders_measured_figures_and_flags_missed_targets(tmp_path):
     (tmp_path / "quality.json").write_text(json.dumps(quality))
     card = write_model_card(tmp_path).read_text()
     assert "31.20" in card and "python -m sdhelpers.train all" in card and "UNet2DConditionModel" in card
+
+
+def test_extended_report_has_everything_the_card_needs(tiny_pipeline_dir):
+    from sdhelpers.evaluate import extended_report
+    from sdhelpers.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    report = extended_report(pipe, train_prompts=2, sweep_prompts=2, negative_count=2, gap_count=2, steps=2)
+    assert list(report) == ["pndm_4_steps", "schedulers", "guidance_sweep", "branch_gap", "negative_prompt"]
+    assert list(report["guidance_sweep"]) == ["1.0", "2.0", "3.0", "5.0", "7.5", "10.0", "12.0"]
+    assert set(report["schedulers"]) == {"ddim", "dpm++"}
+    assert set(report["branch_gap"]) == {"20", "200", "400", "600", "800"}
+    json.dumps(report)  # what --write stores in quality.json
