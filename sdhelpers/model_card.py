@@ -93,9 +93,11 @@ def _parameter_rows(quality: dict[str, Any]) -> str:
 
 
 def _caption_dropout(training: dict[str, Any]) -> float:
+    """The UNet stage's caption dropout: from its report (written since TinySD 2), else from the preset."""
     from sdhelpers.recipe import PRESETS
 
-    return PRESETS[training.get("preset") or "tinysd"].caption_dropout
+    reported = training.get("stages", {}).get("unet", {}).get("caption_dropout")
+    return reported if reported is not None else PRESETS[training.get("preset") or "tinysd"].caption_dropout
 
 
 def _low_guidance_text(quality: dict[str, Any]) -> str:

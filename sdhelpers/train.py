@@ -357,7 +357,8 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
         save_component(result.model, stage.folder / FINAL_FOLDER)
         save_component(vae, stage.folder / "vae")  # the VAE with its measured scaling_factor
         _report(stage, result, scaling_factor=round(cache.scaling_factor, 6), latent_dataset_size=len(cache),
-                distinct_captions=cache.empty_id)
+                distinct_captions=cache.empty_id, caption_dropout=recipe.caption_dropout,
+                open_captions=recipe.open_captions, branch_consistency=recipe.branch_consistency)
     return result
 
 
