@@ -17,10 +17,11 @@ Pictures and prompts:
 
 - ``sdhelpers.images``: PIL <-> tensors, grids, latent views, PSNR; ``sdhelpers.masks``: inpainting masks.
 - ``sdhelpers.data``: the synthetic shapes world TinySD is trained on.
-- ``sdhelpers.evaluate``: a pixel-level judge of prompt adherence, the networks' metrics, grading a
-  pipeline (``python -m sdhelpers.evaluate``).
+- ``sdhelpers.judge``: a pixel-level judge of prompt adherence.
+- ``sdhelpers.evaluate``: the networks' metrics and grading a pipeline (``python -m sdhelpers.evaluate``).
 - ``sdhelpers.clip``: zero-shot classification and similarity matrices with the mini CLIP.
 - ``sdhelpers.sampling``: txt2img, img2img and inpainting written out by hand, equal to diffusers.
+- ``sdhelpers.guidance``: why strong guidance breaks a small model (the branch gap), and limited-interval guidance.
 - ``sdhelpers.attention``: cross-attention maps and a trace of the UNet's blocks.
 - ``sdhelpers.widgets``: live ipywidgets explorers.
 
