@@ -116,6 +116,51 @@ def _low_guidance_text(quality: dict[str, Any]) -> str:
             "held-out compositions are drawn best at a low scale.\n")
 
 
+def _percent(score: dict[str, float], keys=("colour", "shape", "background", "both")) -> str:
+    return " | ".join(f"{100 * score[k]:.1f}%" for k in keys)
+
+
+def _extended_sections(quality: dict[str, Any]) -> str:
+    """The card's sections on guidance, samplers, the branch gap and negative prompts, where measured."""
+    if "guidance_sweep" not in quality:
+        return ""
+    steps = quality["settings"]["steps"]
+    rows = ["| sampling | colour | shape | background | both |", "|---|---|---|---|---|"]
+    rows += [f"| PNDM, {steps} steps, guidance {scale} | {_percent(score)} |"
+             for scale, score in quality["guidance_sweep"].items()]
+    rows += [f"| PNDM, {key.split('_')[1]} steps, guidance 7.5 | {_percent(score)} |"
+             for key, score in quality.items() if key.startswith("pndm_") and key.endswith("_steps")]
+    rows += [f"| {name}, {steps} steps, guidance 7.5 | {_percent(score)} |" for name, score in quality["schedulers"].items()]
+    gap = ["| timestep | prompted MSE | empty-prompt MSE | gap (rms) |", "|---|---|---|---|"]
+    gap += [f"| {t} | {row['prompted_mse']:.4f} | {row['empty_mse']:.4f} | {row['gap']:.3f} |"
+            for t, row in quality["branch_gap"].items()]
+    negative = quality["negative_prompt"]
+    shares = lambda counts: ", ".join(f"{name} {n}" for name, n in counts.items())  # noqa: E731
+    return f"""
+## Guidance and samplers
+
+Training-composition prompts as above, each setting with the same prompts and seeds:
+
+{chr(10).join(rows)}
+
+## The two branches of classifier-free guidance
+
+On real training images noised to each timestep: the noise-prediction error with the caption and
+with the empty prompt, and the rms difference of the two predictions, which guidance multiplies by
+`scale - 1` (`sdhelpers.guidance.branch_gap`). Where the noise is low the latent already fixes the
+picture and the two should agree.
+
+{chr(10).join(gap)}
+
+## Open prompts and negative prompts
+
+"{negative['prompt']}" over {negative['count']} seeds leaves the colour to the model. Colours
+drawn: {shares(negative['colours_without'])}. With the negative prompt "{negative['negative_prompt']}":
+{shares(negative['colours_with'])}; the stated shape and background right
+{100 * negative['stated_right_with']:.1f}% of the time (without it {100 * negative['stated_right_without']:.1f}%).
+"""
+
+
 def render_model_card(training: dict[str, Any], quality: dict[str, Any]) -> str:
     """The model card's Markdown text."""
     settings = quality["settings"]
@@ -158,7 +203,7 @@ In Stable Diffusion's order: the VAE (KL-regularised, L1 + MSE + edge loss), the
 trained contrastively against a small image tower (only the text tower ships), then the UNet on
 cached latents scaled by the VAE's own `scaling_factor` (1/std of the training latents, computed
 like SD's 0.18215), with the VAE and text encoder frozen, DDPM scaled-linear noise over 1000
-steps, captions dropped {100 * training.get('caption_dropout', 0.1):.0f}% of the time for
+steps, captions dropped {100 * _caption_dropout(training):.0f}% of the time for
 classifier-free guidance, and an EMA of the weights. Seed {training['seed']}.
 
 {_stage_rows(training)}
@@ -190,7 +235,7 @@ colour {100 * held['colour']:.1f}%, shape {100 * held['shape']:.1f}%, both {100 
 {_low_guidance_text(quality)}
 Speed measured on {quality['hardware']} ({quality['threads']} threads), batch 1, median of
 {quality['speed_repeats']} runs after a warm-up.
-
+{_extended_sections(quality)}
 ## Limits
 
 - TinySD knows only the shapes world. It answers any prompt, since the tokenizer is CLIP's full

@@ -209,3 +209,29 @@ def test_extended_report_has_everything_the_card_needs(tiny_pipeline_dir):
     assert set(report["schedulers"]) == {"ddim", "dpm++"}
     assert set(report["branch_gap"]) == {"20", "200", "400", "600", "800"}
     json.dumps(report)  # what --write stores in quality.json
+
+
+def test_model_card_shows_the_guidance_sweep_the_branch_gap_and_negatives_when_measured():
+    from sdhelpers.model_card import render_model_card
+
+    score = {"colour": 1.0, "shape": 0.5, "background": 1.0, "both": 0.5, "all": 0.5, "n": 2}
+    quality = {"settings": {"steps": 25, "guidance_scale": 7.5, "seed": 0, "scheduler": "PNDMScheduler", "size": 64,
+                            "train_prompts": 2, "held_out_prompts": 2},
+               "train": score, "held_out": score, "vae_psnr": 31.0, "seconds_per_image": 0.4, "speed_repeats": 1,
+               "hardware": "CPU", "threads": 2, "parameters": {"unet": ["UNet2DConditionModel", 3]},
+               "guidance_sweep": {"1.0": score, "7.5": score}, "pndm_50_steps": score,
+               "schedulers": {"ddim": score, "dpm++": score},
+               "branch_gap": {"200": {"prompted_mse": 0.02, "empty_mse": 0.021, "gap": 0.03}},
+               "negative_prompt": {"prompt": "a circle on a white background", "count": 4,
+                                   "negative_prompt": "a red circle on a white background",
+                                   "colours_without": {"red": 3, "blue": 1}, "colours_with": {"blue": 4},
+                                   "stated_right_with": 1.0, "stated_right_without": 0.75}}
+    training = {"seed": 0, "preset": "tinysd", "total_seconds": 60.0, "hardware": "CPU", "threads": 2,
+                "stages": {"unet": {"steps": 1, "batch_size": 1, "seconds": 1.0, "caption_dropout": 0.3,
+                                    "settings": {"learning_rate": 0.001}}}}
+    card = render_model_card(training, quality)
+    assert "| PNDM, 25 steps, guidance 7.5 | 100.0% | 50.0% | 100.0% | 50.0% |" in card
+    assert "| PNDM, 50 steps, guidance 7.5 |" in card and "| dpm++, 25 steps, guidance 7.5 |" in card
+    assert "| 200 | 0.0200 | 0.0210 | 0.030 |" in card
+    assert "Colours\ndrawn: red 3, blue 1." in card and "blue 4;" in card
+    assert "captions dropped 30% of the time" in card  # read from the UNet stage's report
