@@ -96,6 +96,7 @@ def export_pipeline(
             copies = [copy.deepcopy(m).to("cpu", dtype) for m in modules]
             assemble_pipeline(*copies).save_pretrained(staging, safe_serialization=True)
         _ship_slow_tokenizer_files(staging / "tokenizer")
+        _drop_build_paths(staging)
         config_path = staging / "text_encoder" / "config.json"
         config = json.loads(config_path.read_text())
         config["dtype"] = "float32"
@@ -112,6 +113,14 @@ def export_pipeline(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _drop_build_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` from the components' configs: where the build machine loaded them from."""
+    for config_path in folder.glob("*/config.json"):
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _ship_slow_tokenizer_files(folder: Path) -> None:
@@ -155,6 +164,8 @@ def finish(out: str | os.PathLike, work: str | os.PathLike, *, seed: int, preset
         "hardware": hardware_summary("cpu") if not torch.cuda.is_available() else hardware_summary(),
         "threads": torch.get_num_threads(),
     }
+    for config in training["configs"].values():
+        config.pop("_name_or_path", None)
     training = json.loads(json.dumps(training, default=str))
     return export_pipeline(out, vae, text_encoder, unet, extra_files={"training.json": training, **curves})
 

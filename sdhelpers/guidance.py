@@ -81,10 +81,9 @@ def interval_guidance(pipe: Any, from_timestep: float = 600.0):
              callback_on_step_end_tensor_inputs=["prompt_embeds"])
     """
     checks.positive_number(from_timestep, "from_timestep", example="600")
-    timesteps = {}
 
     def callback(pipeline, index: int, t, tensors: dict[str, Any]) -> dict[str, Any]:
-        schedule = timesteps.setdefault("all", list(pipeline.scheduler.timesteps))
+        schedule = pipeline.scheduler.timesteps  # this call's schedule, whatever its step count
         following = schedule[index + 1] if index + 1 < len(schedule) else None
         if pipeline.guidance_scale > 1 and following is not None and float(following) < from_timestep:
             pipeline._guidance_scale = 1.0

@@ -9,62 +9,22 @@ in the card therefore comes from a run, and re-running the two commands rewrites
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-TARGETS: dict[str, tuple[str, float, str]] = {
-    "train_colour": ("colour accuracy, training compositions", 0.95, "≥"),
-    "train_shape": ("shape accuracy, training compositions", 0.90, "≥"),
-    "held_out_both": ("held-out compositions right on colour and shape", 0.85, "≥"),
-    "vae_psnr": ("VAE reconstruction PSNR, held-out images (dB)", 30.0, "≥"),
-    "seconds_per_image": ("seconds per 64×64 image, 25 steps with CFG, CPU", 0.5, "≤"),
-    "training_minutes": ("full training recipe (minutes)", 45.0, "≤"),
-}
-"""The quality bar the shipped model is held to: (description, target, direction)."""
+from sdhelpers.checkpoint import atomic_write_bytes
+from sdhelpers.targets import quality_table
 
 REBUILD_COMMANDS = (
     "python -m sdhelpers.train all --out sdhelpers/tinysd --threads 2",
     "python -m sdhelpers.evaluate --model sdhelpers/tinysd --write",
 )
 
-
-def measured_values(training: dict[str, Any], quality: dict[str, Any]) -> dict[str, float]:
-    """The figures :data:`TARGETS` names, read from ``training.json`` and ``quality.json``."""
-    return {
-        "train_colour": quality["train"]["colour"],
-        "train_shape": quality["train"]["shape"],
-        "held_out_both": quality["held_out"]["both"],
-        "vae_psnr": quality["vae_psnr"],
-        "seconds_per_image": quality["seconds_per_image"],
-        "training_minutes": training["total_seconds"] / 60,
-    }
-
-
-def meets(value: float, target: float, direction: str) -> bool:
-    return value >= target if direction == "≥" else value <= target
-
-
-def _fmt(key: str, value: float) -> str:
-    if key in ("train_colour", "train_shape", "held_out_both"):
-        return f"{100 * value:.1f}%"
-    if key == "vae_psnr":
-        return f"{value:.2f}"
-    if key == "seconds_per_image":
-        return f"{value:.3f}"
-    return f"{value:.1f}"
-
-
-def quality_table(training: dict[str, Any], quality: dict[str, Any]) -> str:
-    """A Markdown table: each target, the measured value and whether it is met."""
-    values = measured_values(training, quality)
-    rows = ["| figure | target | measured | met |", "|---|---|---|---|"]
-    for key, (label, target, direction) in TARGETS.items():
-        shown = _fmt(key, target) if key not in ("train_colour", "train_shape", "held_out_both") else f"{100 * target:.0f}%"
-        rows.append(f"| {label} | {direction} {shown} | {_fmt(key, values[key])} | "
-                    f"{'yes' if meets(values[key], target, direction) else '**no**'} |")
-    return "\n".join(rows)
+SWEEP_PLOT = "guidance_sweep.png"
+"""The guidance-sweep figure ``--write`` puts beside the card (see :func:`write_sweep_plot`)."""
 
 
 def _stage_rows(training: dict[str, Any]) -> str:
@@ -100,20 +60,22 @@ def _caption_dropout(training: dict[str, Any]) -> float:
     return reported if reported is not None else PRESETS[training.get("preset") or "tinysd"].caption_dropout
 
 
-def _low_guidance_text(quality: dict[str, Any]) -> str:
-    low = quality.get("low_guidance")
-    if not low:
-        return ""
-    train, held = low["train"], low["held_out"]
-    return (f"At guidance {low['guidance_scale']} (same prompts and seeds): training compositions colour "
-            f"{100 * train['colour']:.1f}%, shape {100 * train['shape']:.1f}%, both {100 * train['both']:.1f}%; "
-            f"held-out compositions both {100 * held['both']:.1f}%. This is the scale the book uses with TinySD "
-            "(`sdhelpers.models.TINYSD_GUIDANCE`). Guidance multiplies the difference between the prediction "
-            "with the prompt and without it; in TinySD's small 8×8×4 latent that difference is large (the empty "
-            "prompt says nothing about colour or background), so at 7.5 the sampled latents overshoot far "
-            "beyond those of real images and the decoder answers with wrong colours. Guidance also amplifies "
-            "what a shape word wrongly implies about colour (a triangle was never green in training), so "
-            "held-out compositions are drawn best at a low scale.\n")
+def _unet_objective(training: dict[str, Any]) -> str:
+    """The UNet stage's additions to SD's loss, as its report records them (empty for SD's plain loss)."""
+    report = training.get("stages", {}).get("unet", {})
+    parts = []
+    if report.get("open_captions"):
+        parts.append(f"{100 * report['open_captions']:.0f}% of the captions leave the colour, the shape or "
+                     "the background unsaid")
+    if report.get("branch_consistency"):
+        parts.append(
+            f"below timestep {report.get('consistency_below_timestep', 400)}, where the noised latent already "
+            "fixes the picture, the prediction with the empty prompt"
+            + (f" or (for {100 * report['consistency_swaps']:.0f}% of the other items) with another item's caption"
+               if report.get("consistency_swaps") else "")
+            + f" is pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
+            "(`sdhelpers.objectives.consistent_diffusion_loss`)")
+    return "; ".join(parts) + (". " if parts else "")
 
 
 def _percent(score: dict[str, float], keys=("colour", "shape", "background", "both")) -> str:
@@ -161,8 +123,61 @@ drawn: {shares(negative['colours_without'])}. With the negative prompt "{negativ
 """
 
 
-def render_model_card(training: dict[str, Any], quality: dict[str, Any]) -> str:
-    """The model card's Markdown text."""
+LEVERS_FILE = "levers.json"
+"""Measured recipe variants (the model card's notes), kept beside the weights when there are any."""
+
+
+def _levers_section(levers: list[dict[str, Any]]) -> str:
+    """How the recipe was chosen: each variant's branch gap and adherence at guidance 7.5, as measured."""
+    if not levers:
+        return ""
+    rows = ["| variant | UNet steps | gap at t = 200 | colour / shape / both at 7.5 | held-out both at 7.5 |",
+            "|---|---|---|---|---|"]
+    for lever in levers:
+        train, held = lever["train_7.5"], lever["held_out_7.5"]
+        rows.append(f"| {lever['name']} | {lever['unet_steps']} | {lever['gap_200']:.3f} | "
+                    f"{_percent(train, ('colour', 'shape', 'both')).replace(' | ', ' / ')} (n = {train['n']}) | "
+                    f"{100 * held['both']:.1f}% (n = {held['n']}) |")
+    return "\n## How the recipe was chosen\n\n" + levers[0].get("how", "") + "\n\n" + "\n".join(rows) + "\n"
+
+
+def _sweep_figure(quality: dict[str, Any]) -> str:
+    if not quality.get("sweep_plot"):
+        return ""
+    return f"\n![Share of images right, by guidance scale]({quality['sweep_plot']})\n"
+
+
+def write_sweep_plot(folder: Path, quality: dict[str, Any]) -> Path:
+    """Draw the guidance sweep (share right on colour, shape and both, by scale) as a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdhelpers.targets import GUIDANCE_RANGE
+
+    sweep = quality["guidance_sweep"]
+    scales = [float(s) for s in sweep]
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    for key in ("colour", "shape", "both"):
+        ax.plot(scales, [100 * score[key] for score in sweep.values()], "o-", label=key)
+    ax.axvspan(*GUIDANCE_RANGE, color="0.92", zorder=0, label="scales that must hold")
+    ax.axvline(7.5, color="0.5", ls=":", lw=1)
+    ax.set(xlabel="guidance scale", ylabel="% of images right", ylim=(0, 102),
+           title="TinySD, training compositions, 25 PNDM steps")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    path = folder / SWEEP_PLOT
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def render_model_card(training: dict[str, Any], quality: dict[str, Any],
+                      levers: list[dict[str, Any]] | None = None) -> str:
+    """The model card's Markdown text (``levers``: the measured recipe variants, if any)."""
     settings = quality["settings"]
     train, held = quality["train"], quality["held_out"]
     return f"""# TinySD
@@ -204,7 +219,7 @@ trained contrastively against a small image tower (only the text tower ships), t
 cached latents scaled by the VAE's own `scaling_factor` (1/std of the training latents, computed
 like SD's 0.18215), with the VAE and text encoder frozen, DDPM scaled-linear noise over 1000
 steps, captions dropped {100 * _caption_dropout(training):.0f}% of the time for
-classifier-free guidance, and an EMA of the weights. Seed {training['seed']}.
+classifier-free guidance, and an EMA of the weights. {_unet_objective(training)}Seed {training['seed']}.
 
 {_stage_rows(training)}
 
@@ -232,12 +247,14 @@ held-out ones, one image each, {settings['steps']} {settings['scheduler']} steps
 In detail: training compositions colour {100 * train['colour']:.1f}%, shape {100 * train['shape']:.1f}%,
 background {100 * train['background']:.1f}%, all three {100 * train['all']:.1f}%; held-out compositions
 colour {100 * held['colour']:.1f}%, shape {100 * held['shape']:.1f}%, both {100 * held['both']:.1f}%.
-{_low_guidance_text(quality)}
 Speed measured on {quality['hardware']} ({quality['threads']} threads), batch 1, median of
 {quality['speed_repeats']} runs after a warm-up.
-{_extended_sections(quality)}
+{_extended_sections(quality)}{_sweep_figure(quality)}{_levers_section(levers or [])}
 ## Limits
 
+- Compositions held out of training (an orange circle, a green triangle, a purple square) come out
+  right on colour and shape {100 * held['both']:.0f}% of the time at guidance 7.5: guidance amplifies what a
+  shape word implies about colour, and the model has never seen those pairs.
 - TinySD knows only the shapes world. It answers any prompt, since the tokenizer is CLIP's full
   49,408-token vocabulary, but the embedding rows of words it never saw were never trained, so
   "an astronaut riding a horse" gives some shape, not an astronaut.
@@ -253,14 +270,13 @@ tokenizer files are OpenAI CLIP's BPE vocabulary (MIT licence, see `tokenizer/LI
 
 def write_model_card(folder: str | os.PathLike) -> Path:
     """Render ``README.md`` in a pipeline folder from its ``training.json`` and ``quality.json``."""
-    from sdhelpers.checkpoint import atomic_write_bytes
-
     folder = Path(folder)
     missing = [name for name in ("training.json", "quality.json") if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"folder: {folder.name} lacks {', '.join(missing)}; train and evaluate it first")
     training = json.loads((folder / "training.json").read_text())
     quality = json.loads((folder / "quality.json").read_text())
+    levers = json.loads((folder / LEVERS_FILE).read_text()) if (folder / LEVERS_FILE).is_file() else None
     path = folder / "README.md"
-    atomic_write_bytes(path, render_model_card(training, quality).encode())
+    atomic_write_bytes(path, render_model_card(training, quality, levers).encode())
     return path

@@ -157,20 +157,27 @@ def diffusion_loss(
 
 def consistent_diffusion_loss(unet: nn.Module, noise_scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
                               caption_embeddings: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator,
-                              weight: float, below_timestep: int) -> torch.Tensor:
-    """:func:`diffusion_loss` plus a pull of the empty-prompt branch towards the prompted one at low noise.
+                              weight: float, below_timestep: int, swap: float = 0.0) -> torch.Tensor:
+    """:func:`diffusion_loss` plus a pull of the other branches towards the prompted one at low noise.
 
-    Where the noise is low the latent already fixes the picture, so the best empty-prompt
-    prediction equals the prompted one; classifier-free guidance multiplies any difference by
-    ``s - 1``. For the items whose caption was dropped and whose timestep is below
-    ``below_timestep``, the UNet's prediction is also pulled (with ``weight``) towards its own
-    prediction with the real caption, which is held fixed (no gradient). Same draws as
-    :func:`diffusion_loss`, so ``weight=0`` gives exactly it.
+    Where the noise is low the latent already fixes the picture, so the best prediction with the
+    empty prompt, or with any other prompt, equals the one with the true caption; classifier-free
+    guidance multiplies any difference by ``s - 1`` (a negative prompt is such another prompt).
+    Items below ``below_timestep`` whose caption was dropped are pulled (with ``weight``) towards
+    the UNet's own prediction with the real caption, held fixed (no gradient). With ``swap`` > 0,
+    that share of the other low-noise items is shown the next item's caption instead of its own,
+    and pulled the same way. Same draws as :func:`diffusion_loss` (the swaps come after them), so
+    ``weight=0`` gives exactly it.
     """
     noisy_latents, noise, timesteps = noised(noise_scheduler, latents, generator)
+    low = timesteps < below_timestep
+    taught = dropped.to(timesteps.device) & low
+    if weight and swap:
+        swapped = (torch.rand(latents.shape[0], generator=generator) < swap).to(low.device) & low & ~taught
+        text_embeddings = torch.where(swapped[:, None, None], caption_embeddings.roll(1, 0), text_embeddings)
+        taught = taught | swapped
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
     loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-    taught = dropped.to(timesteps.device) & (timesteps < below_timestep)
     if weight and bool(taught.any()):
         with torch.no_grad():
             target = unet(noisy_latents[taught], timesteps[taught],

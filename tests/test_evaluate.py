@@ -177,7 +177,8 @@ def test_negative_prompt_effect_counts_the_colours_with_and_without(tiny_pipelin
 
 
 def test_model_card_renders_measured_figures_and_flags_missed_targets(tmp_path):
-    from sdhelpers.model_card import quality_table, write_model_card
+    from sdhelpers.model_card import write_model_card
+    from sdhelpers.targets import quality_table
 
     scores = {"colour": 0.97, "shape": 0.92, "background": 1.0, "both": 0.9, "all": 0.9, "n": 200}
     quality = {"settings": {"steps": 25, "guidance_scale": 7.5, "seed": 0, "scheduler": "PNDMScheduler", "size": 64,
@@ -188,8 +189,11 @@ def test_model_card_renders_measured_figures_and_flags_missed_targets(tmp_path):
     training = {"seed": 0, "preset": "tinysd", "total_seconds": 3000.0, "hardware": "CPU", "threads": 2,
                 "stages": {"vae": {"steps": 1, "batch_size": 1, "seconds": 1.0, "psnr": {"train": 32.0, "held_out": 31.0}, "settings": {"learning_rate": 0.001}}}}
     table = quality_table(training, quality)
-    assert "| 97.0% | yes |" in table and "| 50.0% | **no** |" in table  # held-out 50% < 85%
-    assert "| 50.0 | **no** |" in table  # 50 minutes > 45
+    assert "| colour, training compositions | ≥ 97.0% | 97.0% | yes |" in table
+    assert "| shape, training compositions | ≥ 97.0% | 92.0% | **no** |" in table
+    assert "| ≥ 90.0% | 50.0% | **no** |" in table  # held-out compositions
+    assert "| ≤ 45.00 | 50.00 | **no** |" in table  # 50 minutes of training
+    assert "| ≤ 0.04 | not measured | **no** |" in table  # no branch gap in this report
     with pytest.raises(FileNotFoundError, match="training.json"):
         write_model_card(tmp_path)
     (tmp_path / "training.json").write_text(json.dumps(training))
@@ -211,8 +215,8 @@ def test_extended_report_has_everything_the_card_needs(tiny_pipeline_dir):
     json.dumps(report)  # what --write stores in quality.json
 
 
-def test_model_card_shows_the_guidance_sweep_the_branch_gap_and_negatives_when_measured():
-    from sdhelpers.model_card import render_model_card
+def test_model_card_shows_the_guidance_sweep_the_branch_gap_and_negatives_when_measured(tmp_path):
+    from sdhelpers.model_card import render_model_card, write_sweep_plot
 
     score = {"colour": 1.0, "shape": 0.5, "background": 1.0, "both": 0.5, "all": 0.5, "n": 2}
     quality = {"settings": {"steps": 25, "guidance_scale": 7.5, "seed": 0, "scheduler": "PNDMScheduler", "size": 64,
@@ -228,10 +232,43 @@ def test_model_card_shows_the_guidance_sweep_the_branch_gap_and_negatives_when_m
                                    "stated_right_with": 1.0, "stated_right_without": 0.75}}
     training = {"seed": 0, "preset": "tinysd", "total_seconds": 60.0, "hardware": "CPU", "threads": 2,
                 "stages": {"unet": {"steps": 1, "batch_size": 1, "seconds": 1.0, "caption_dropout": 0.3,
+                                    "open_captions": 0.25, "branch_consistency": 3.0,
+                                    "consistency_below_timestep": 600, "consistency_swaps": 0.3,
                                     "settings": {"learning_rate": 0.001}}}}
-    card = render_model_card(training, quality)
+    assert "guidance_sweep.png" not in render_model_card(training, quality)
+    plot = write_sweep_plot(tmp_path, quality)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = render_model_card(training, {**quality, "sweep_plot": plot.name})
+    assert "](guidance_sweep.png)" in card
+    assert "25% of the captions leave the colour" in card and "below timestep 600" in card
+    assert "for 30% of the other items" in card and "weight 3 " in card
+    assert "How the recipe was chosen" not in card
+    lever = {"name": "dropout 0.3", "unet_steps": 800, "gap_200": 0.064, "how": "UNet-only runs.",
+             "train_7.5": {"colour": 0.7, "shape": 0.5, "both": 0.4, "n": 60}, "held_out_7.5": {"both": 0.3, "n": 30}}
+    noted = render_model_card(training, quality, [lever])
+    assert "## How the recipe was chosen\n\nUNet-only runs." in noted
+    assert "| dropout 0.3 | 800 | 0.064 | 70.0% / 50.0% / 40.0% (n = 60) | 30.0% (n = 30) |" in noted
     assert "| PNDM, 25 steps, guidance 7.5 | 100.0% | 50.0% | 100.0% | 50.0% |" in card
     assert "| PNDM, 50 steps, guidance 7.5 |" in card and "| dpm++, 25 steps, guidance 7.5 |" in card
     assert "| 200 | 0.0200 | 0.0210 | 0.030 |" in card
     assert "Colours\ndrawn: red 3, blue 1." in card and "blue 4;" in card
     assert "captions dropped 30% of the time" in card  # read from the UNet stage's report
+
+
+def test_targets_read_the_sweep_floor_the_negative_effect_and_what_is_missing():
+    from sdhelpers.targets import TARGETS, measured_values, missed, red_kept, sweep_floor
+
+    score = lambda both: {"colour": 1.0, "shape": both, "background": 1.0, "both": both}  # noqa: E731
+    quality = {"guidance_sweep": {"1.0": score(0.2), "2.0": score(0.96), "7.5": score(0.99), "12.0": score(0.95),
+                                  "15.0": score(0.1)},
+               "negative_prompt": {"colours_without": {"red": 6, "blue": 2}, "colours_with": {"red": 2, "blue": 6},
+                                   "stated_right_with": 0.95}}
+    assert sweep_floor(quality) == 0.95  # scales 1 and 15 lie outside 2-12
+    assert red_kept(quality) == 2 / 6
+    values = measured_values({}, quality)
+    assert values["open_colours"] == 2 and values["training_minutes"] is None
+    gone = missed({}, quality)
+    assert "open_colours" in gone and "sweep_floor" not in gone and "red_kept" not in gone
+    assert "negative_stated" not in gone and "train_colour" in gone  # not measured counts as missed
+    assert red_kept({"negative_prompt": {"colours_without": {"blue": 3}, "colours_with": {}}}) is None
+    assert len({t.key for t in TARGETS}) == len(TARGETS)

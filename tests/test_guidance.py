@@ -57,3 +57,14 @@ def test_interval_guidance_stops_guiding_below_the_threshold(pipe):
     assert early_batches == [2] + [1] * (len(plain_batches) - 1) and not (early == plain).all()
     with pytest.raises(ValueError, match="from_timestep"):
         interval_guidance(pipe, from_timestep=0)
+
+
+def test_one_interval_callback_serves_calls_of_any_step_count(pipe):
+    def run(steps, callback):
+        return pipe("a red circle on a blue background", num_inference_steps=steps, guidance_scale=7.5,
+                    height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="np",
+                    callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+
+    callback = interval_guidance(pipe, from_timestep=500)
+    run(3, callback)
+    assert (run(8, callback) == run(8, interval_guidance(pipe, from_timestep=500))).all()

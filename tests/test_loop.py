@@ -257,3 +257,8 @@ def test_consistent_loss_is_sd_loss_plus_a_pull_on_the_dropped_items(parts, cach
                                                  torch.Generator().manual_seed(5), 1.0, 1000), plain)
     again, again_text = cached.sample(6, torch.Generator().manual_seed(4), 0.5)
     assert torch.equal(again, latents) and torch.equal(again_text, text)  # the same draws either way
+    swapped = consistent_diffusion_loss(unet, scheduler, latents, text, captions, none,
+                                        torch.Generator().manual_seed(5), 1.0, 1000, swap=1.0)
+    assert swapped != plain  # every item shown the next one's caption, and pulled back
+    assert torch.equal(consistent_diffusion_loss(unet, scheduler, latents, text, captions, none,
+                                                 torch.Generator().manual_seed(5), 0.0, 1000, swap=1.0), plain)

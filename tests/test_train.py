@@ -292,7 +292,11 @@ def test_export_uses_fp16_only_when_needed_and_still_loads_fp32(tmp_path):
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
     pipe = StableDiffusionPipeline.from_pretrained(small, local_files_only=True)
     assert pipe.text_encoder.dtype == torch.float32 and pipe.unet.dtype == torch.float32
+    unet.save_pretrained(tmp_path / "loaded_unet")
+    unet = type(unet).from_pretrained(tmp_path / "loaded_unet")  # its config now names that folder
+    assert "_name_or_path" in unet.config
     roomy = export.export_pipeline(tmp_path / "fp32", vae, text_encoder, unet, max_megabytes=100.0)
+    assert all("_name_or_path" not in json.loads(p.read_text()) for p in roomy.glob("*/config.json"))
     with safe_open(str(roomy / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
         assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float32
     with pytest.raises(ValueError, match="out: .* not a diffusers pipeline folder"):
