@@ -59,7 +59,7 @@ lab: $(STAMP)
 execute: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 --ExecutePreprocessor.store_widget_state=True notebooks/*.ipynb
 
-# Rebuild the shipped TinySD from nothing (about an hour on 2 CPU cores), then measure it and
+# Rebuild the shipped TinySD from nothing (about 80 minutes on 2 CPU cores), then measure it and
 # rewrite its model card. Checkpoints go to sdhelpers/tinysd.work/; add --resume to continue.
 tinysd: $(STAMP)
 	$(BIN)/python -m sdhelpers.train all --out sdhelpers/tinysd --threads 2

@@ -16,9 +16,11 @@ Running models:
 Pictures and prompts:
 
 - ``sdhelpers.images``: PIL <-> tensors, grids, latent views, PSNR; ``sdhelpers.masks``: inpainting masks.
+- ``sdhelpers.figures``: labelled image grids, and the difference of two images made visible.
 - ``sdhelpers.data``: the synthetic shapes world TinySD is trained on.
 - ``sdhelpers.judge``: a pixel-level judge of prompt adherence.
 - ``sdhelpers.evaluate``: the networks' metrics and grading a pipeline (``python -m sdhelpers.evaluate``).
+- ``sdhelpers.targets``: the quality bar TinySD is held to, read from what was measured.
 - ``sdhelpers.clip``: zero-shot classification and similarity matrices with the mini CLIP.
 - ``sdhelpers.sampling``: txt2img, img2img and inpainting written out by hand, equal to diffusers.
 - ``sdhelpers.guidance``: why strong guidance breaks a small model (the branch gap), and limited-interval guidance.
@@ -27,7 +29,7 @@ Pictures and prompts:
 
 Training:
 
-- ``sdhelpers.recipe``: TinySD's training recipe.
+- ``sdhelpers.recipe``: TinySD's training recipes (the shipped TinySD 2's and the first one's).
 - ``sdhelpers.objectives``: the VAE, contrastive CLIP and noise-prediction losses.
 - ``sdhelpers.latents``: the latent cache the UNet trains on.
 - ``sdhelpers.fit``: the one training loop, its optimiser and its checkpoint format.

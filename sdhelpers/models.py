@@ -26,13 +26,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TINYSD_DIR = PACKAGE_DIR / "tinysd"
 TOKENIZER_DIR = TINYSD_DIR / "tokenizer"
 """The CLIP tokenizer's one copy: TinySD's own, which SD 1.5 shares (49,408 tokens, 77 positions)."""
-TINYSD_GUIDANCE = 3.0
-"""The guidance scale the book uses with TinySD, where SD 1.5's default is 7.5.
-
-Measured (its model card): at 3.0 TinySD draws the asked colour and shape 94% of the time on training
-compositions; at 7.5 guidance drives its 8×8×4 latents far outside the range of real images (std
-about 1.8 instead of 1) and the decoder answers with the wrong colours. Chapter 5 shows the effect.
-"""
 TASKS = ("txt2img", "img2img", "inpaint")
 
 

@@ -194,7 +194,7 @@ def _dataset(stage: Stage, dataset: Any) -> Any:
         return checks.dataset(dataset)
     from sdhelpers.data import ShapesDataset
 
-    open_captions = 0.0 if stage.name == "vae" else stage.recipe.open_captions
+    open_captions = stage.recipe.open_captions if stage.name == "unet" else 0.0
     return ShapesDataset(stage.settings.dataset_size, seed=stage.seed, split="train", open_captions=open_captions)
 
 
@@ -345,11 +345,12 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
                                                         with_captions=True)
         return consistent_diffusion_loss(unet, noise_scheduler, latents.to(device), text.to(device),
                                          captions.to(device), dropped, generator, recipe.branch_consistency,
-                                         recipe.consistency_below_timestep)
+                                         recipe.consistency_below_timestep, recipe.consistency_swaps)
 
     extra = {"caption_dropout": recipe.caption_dropout, "noise_scheduler": recipe.noise_scheduler_config,
              "open_captions": recipe.open_captions, "branch_consistency": recipe.branch_consistency,
              "consistency_below_timestep": recipe.consistency_below_timestep,
+             "consistency_swaps": recipe.consistency_swaps,
              "vae": fingerprint(vae), "text_encoder": fingerprint(text_encoder)}
     result = run_stage(stage, build_unet(recipe.unet_config), batch_loss, _info(stage, recipe.unet_config, extra, dataset),
                        resume=resume, stop_at=stop_at, progress=progress)
@@ -358,7 +359,9 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
         save_component(vae, stage.folder / "vae")  # the VAE with its measured scaling_factor
         _report(stage, result, scaling_factor=round(cache.scaling_factor, 6), latent_dataset_size=len(cache),
                 distinct_captions=cache.empty_id, caption_dropout=recipe.caption_dropout,
-                open_captions=recipe.open_captions, branch_consistency=recipe.branch_consistency)
+                open_captions=recipe.open_captions, branch_consistency=recipe.branch_consistency,
+                consistency_below_timestep=recipe.consistency_below_timestep,
+                consistency_swaps=recipe.consistency_swaps)
     return result
 
 

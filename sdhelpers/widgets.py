@@ -14,7 +14,6 @@ from PIL import Image
 
 from sdhelpers.device import Timer, make_generator
 from sdhelpers.libraries import quiet_libraries
-from sdhelpers.models import TINYSD_GUIDANCE
 from sdhelpers.sampling import SCHEDULERS, use_scheduler
 
 
@@ -71,11 +70,11 @@ def _common_controls(prompt: str, seed: int, scheduler: str, steps: int,
 
 
 def txt2img_explorer(pipe, prompt: str = "a red circle on a blue background", seed: int = 0,
-                     scheduler: str = "pndm", steps: int = 25, guidance_scale: float = TINYSD_GUIDANCE) -> widgets.Box:
+                     scheduler: str = "pndm", steps: int = 25, guidance_scale: float = 7.5) -> widgets.Box:
     """Prompt, guidance scale, steps, seed and scheduler, regenerating on every change.
 
     ``scheduler`` (a name of :data:`~sdhelpers.sampling.SCHEDULERS`), ``steps`` and ``guidance_scale``
-    (TinySD's 3.0 by default; SD 1.5's is 7.5) set the controls' starting values; the first image is rendered at once, so a saved notebook shows it.
+    (SD's default 7.5 to start) set the controls' starting values; the first image is rendered at once, so a saved notebook shows it.
 
     It works on a copy of ``pipe`` that shares its weights, so swapping the scheduler here leaves
     the reader's pipeline as it was.
@@ -94,7 +93,7 @@ def txt2img_explorer(pipe, prompt: str = "a red circle on a blue background", se
 
 def img2img_explorer(pipe, image: Image.Image, prompt: str = "a red circle on a blue background",
                      seed: int = 0, scheduler: str = "pndm", steps: int = 25,
-                     strength: float = 0.6, guidance_scale: float = TINYSD_GUIDANCE) -> widgets.Box:
+                     strength: float = 0.6, guidance_scale: float = 7.5) -> widgets.Box:
     """The same controls plus a ``strength`` slider: how much noise is added to ``image`` before denoising."""
     from diffusers import StableDiffusionImg2ImgPipeline
 

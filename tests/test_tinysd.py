@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdhelpers.models import TINYSD_DIR, TINYSD_GUIDANCE
+from sdhelpers.models import TINYSD_DIR
 
 pytestmark = pytest.mark.skipif(not (TINYSD_DIR / "model_index.json").is_file(), reason="TinySD is not shipped")
 
@@ -37,7 +37,7 @@ def test_load_pipeline_default_is_tinysd_and_follows_a_prompt():
 
     pipe = load_pipeline(device="cpu")
     images = pipe(["a red circle on a blue background", "a yellow square on a black background"],
-                  num_inference_steps=25, guidance_scale=TINYSD_GUIDANCE,
+                  num_inference_steps=25, guidance_scale=7.5,
                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
     verdicts = [judge(image) for image in images]
     assert [(v.colour, v.shape) for v in verdicts] == [("red", "circle"), ("yellow", "square")]
@@ -57,5 +57,15 @@ def test_model_card_and_quality_file_agree():
     quality = json.loads((TINYSD_DIR / "quality.json").read_text())
     card = (TINYSD_DIR / "README.md").read_text()
     assert f"{100 * quality['train']['colour']:.1f}%" in card
-    assert quality["low_guidance"]["guidance_scale"] == TINYSD_GUIDANCE
+    assert quality["settings"]["guidance_scale"] == 7.5  # SD's default
     assert "words it never saw" in card
+
+
+def test_readme_model_card_and_quality_file_quote_one_table():
+    from sdhelpers.targets import quality_table
+
+    training = json.loads((TINYSD_DIR / "training.json").read_text())
+    quality = json.loads((TINYSD_DIR / "quality.json").read_text())
+    table = quality_table(training, quality)
+    assert table in (TINYSD_DIR / "README.md").read_text()
+    assert table in (TINYSD_DIR.parents[1] / "README.md").read_text()

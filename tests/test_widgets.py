@@ -83,13 +83,13 @@ def test_explorers_print_nothing(pipe, capfd):
     assert out == "" and err == ""
 
 
-def test_explorer_guidance_starts_at_tinysd_scale_and_is_checked(tiny_pipeline_dir):
-    from sdhelpers.models import TINYSD_GUIDANCE, load_pipeline
+def test_explorer_guidance_starts_at_sd_default_and_is_checked(tiny_pipeline_dir):
+    from sdhelpers.models import load_pipeline
     from sdhelpers.widgets import txt2img_explorer
 
     pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
     box = txt2img_explorer(pipe, steps=1)
     sliders = [w for w in box.children[0].children if getattr(w, "description", "") == "guidance"]
-    assert sliders and sliders[0].value == TINYSD_GUIDANCE
+    assert sliders and sliders[0].value == 7.5
     with pytest.raises(ValueError, match="guidance_scale"):
         txt2img_explorer(pipe, steps=1, guidance_scale=20.0)
