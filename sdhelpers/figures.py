@@ -16,6 +16,8 @@ def labelled_grid(images: Sequence[Image.Image], rows: int, cols: int, *, row_la
     """A matplotlib figure of ``rows`` × ``cols`` images, filled row by row, each ``inches`` wide.
 
     ``row_labels`` go left of each row and ``col_labels`` above each column (either may be empty).
+    The figure is closed and returned: as the last line of a notebook cell it is shown once, and
+    ``.savefig`` still works.
     """
     import matplotlib.pyplot as plt
 
@@ -41,6 +43,7 @@ def labelled_grid(images: Sequence[Image.Image], rows: int, cols: int, *, row_la
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    plt.close(fig)  # shown once, as the cell's result, rather than again by the inline backend
     return fig
 
 
