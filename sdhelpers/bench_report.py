@@ -1,7 +1,7 @@
 """Benchmark runs on paper: the stored runs, and a run as a Markdown table.
 
 Why apart from :mod:`sdhelpers.bench`: reading a stored GPU run and printing it needs neither a GPU
-nor the measuring code, and chapters 8 and 9 do only that.
+nor the measuring code, and chapters 9 and 10 do only that.
 """
 
 from __future__ import annotations

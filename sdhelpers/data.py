@@ -72,6 +72,20 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 """Background colours. A name shared with :data:`COLOURS` means the very same RGB value."""
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+"""The shapes TinySD was trained on: :func:`sample_scene` draws only these."""
+
+NEW_SHAPES: tuple[str, ...] = ("star", "cross")
+"""Shapes that can be drawn, captioned and judged but that no training split ever contains: the
+new concepts of the fine-tuning chapter (:mod:`sdhelpers.concepts`). A five-pointed star, apex up,
+and a cross (a plus sign) whose arms are a third of its width."""
+
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
+
+STAR_INNER_RATIO = 0.381966
+"""Inner over outer radius of a regular five-pointed star (a pentagram's outline): 1/φ²."""
+
+CROSS_ARM = 1 / 3
+"""Width of a cross's arms over the cross's width."""
 
 HELD_OUT: tuple[tuple[str, str], ...] = (
     ("orange", "circle"),
@@ -117,7 +131,7 @@ class Scene:
 
     def __post_init__(self) -> None:
         checks.choice(self.colour, tuple(COLOURS), "colour")
-        checks.choice(self.shape, tuple(SHAPES), "shape")
+        checks.choice(self.shape, ALL_SHAPES, "shape")
         checks.choice(self.background, tuple(BACKGROUNDS), "background")
         if self.colour == self.background:
             raise ValueError(
@@ -141,7 +155,7 @@ class Scene:
 def caption(colour: str, shape: str, background: str) -> str:
     """The one caption template of the world, e.g. ``"a red circle on a blue background"``."""
     checks.choice(colour, tuple(COLOURS), "colour")
-    checks.choice(shape, tuple(SHAPES), "shape")
+    checks.choice(shape, ALL_SHAPES, "shape")
     checks.choice(background, tuple(BACKGROUNDS), "background")
     return CAPTION_TEMPLATE.format(colour=colour, shape=shape, background=background)
 
@@ -208,9 +222,12 @@ def parse_caption(text: str) -> Scene | None:
 
 
 def is_held_out(colour: str, shape: str) -> bool:
-    """Whether this colour×shape pair is kept out of training (see :data:`HELD_OUT`)."""
+    """Whether this colour×shape pair is kept out of training (see :data:`HELD_OUT`).
+
+    A :data:`NEW_SHAPES` shape is in no split at all, so none of its pairs is "held out".
+    """
     checks.choice(colour, tuple(COLOURS), "colour")
-    checks.choice(shape, tuple(SHAPES), "shape")
+    checks.choice(shape, ALL_SHAPES, "shape")
     return (colour, shape) in HELD_OUT
 
 
@@ -263,11 +280,16 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     colour = _pick(rng, list(dict.fromkeys(c for c, _ in pairs)))
     shape = _pick(rng, [s for c, s in pairs if c == colour])
     background = _pick(rng, _backgrounds_for(colour))
-    size = _grid_uniform(rng, MIN_SIZE, MAX_SIZE, SIZE_STEP)
+    centre, size = sample_geometry(rng)
+    return Scene(colour, shape, background, centre=centre, size=size)
+
+
+def sample_geometry(rng: np.random.Generator, min_size: float = MIN_SIZE) -> tuple[tuple[float, float], float]:
+    """A size from ``min_size`` to :data:`MAX_SIZE`, then a centre that keeps the shape inside the margin."""
+    size = _grid_uniform(rng, min_size, MAX_SIZE, SIZE_STEP)
     low, high = size / 2 + MARGIN, IMAGE_SIZE - size / 2 - MARGIN
     step = 1 / SUPERSAMPLE
-    centre = (_grid_uniform(rng, low, high, step), _grid_uniform(rng, low, high, step))
-    return Scene(colour, shape, background, centre=centre, size=size)
+    return (_grid_uniform(rng, low, high, step), _grid_uniform(rng, low, high, step)), size
 
 
 def render(scene: Scene) -> Image.Image:
@@ -291,10 +313,45 @@ def render(scene: Scene) -> Image.Image:
         draw.rectangle((left, top, right, bottom), fill=fill)
     elif scene.shape == "circle":
         draw.ellipse((left, top, right, bottom), fill=fill)
+    elif scene.shape in NEW_SHAPES:
+        draw.polygon(new_shape_outline(scene.shape, ((left + right + 1) / 2, (top + bottom + 1) / 2), side),
+                     fill=fill)
     else:  # triangle: apex up, base at the bottom; a flat tip of ≤ 1 sub-pixel keeps it symmetric
         apex_l, apex_r = left + (side - 1) // 2, left + side // 2
         draw.polygon([(apex_l, top), (apex_r, top), (right, bottom), (left, bottom)], fill=fill)
     return big.reduce(k)
+
+
+def new_shape_outline(shape: str, box_centre: tuple[float, float], side: float) -> list[tuple[float, float]]:
+    """The corners of a :data:`NEW_SHAPES` shape that fills a ``side``×``side`` box's width.
+
+    A cross fills the box. A star is 2R·sin 72° ≈ 1.902 R wide and R(1 + cos 36°) ≈ 1.809 R
+    tall for an outer radius R, so it is centred in the box vertically too; its own centre (the
+    centre of its circle) sits R below its top.
+    """
+    if shape == "cross":
+        return cross_corners(box_centre, side / 2)
+    radius = side / (2 * np.sin(np.radians(72)))
+    height = radius * (1 + np.cos(np.radians(36)))
+    return star_corners((box_centre[0], box_centre[1] - height / 2 + radius), radius)
+
+
+def star_corners(centre: tuple[float, float], radius: float) -> list[tuple[float, float]]:
+    """The ten corners of a star of outer ``radius`` around ``centre``: outer, inner, outer, …"""
+    angles = np.radians(-90 + 36 * np.arange(10))
+    radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
+    return [(centre[0] + r * np.cos(a), centre[1] + r * np.sin(a)) for r, a in zip(radii, angles)]
+
+
+def cross_corners(centre: tuple[float, float], radius: float) -> list[tuple[float, float]]:
+    """The twelve corners of a cross reaching ``radius`` from ``centre``, arms :data:`CROSS_ARM` wide."""
+    r, a = radius, radius * CROSS_ARM
+    corners = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+    return [(centre[0] + x, centre[1] + y) for x, y in corners]
+
+
+NEW_SHAPE_CORNERS = {"star": star_corners, "cross": cross_corners}
+"""Each new shape's corners from its centre and radius (the judge fits them by their moments)."""
 
 
 def make_image(seed: int, split: str = "train") -> Image.Image:

@@ -87,20 +87,12 @@ def adherence_prompts(split: str, count: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-def grade_pipeline(
-    pipe: Any,
-    prompts: Sequence[str],
-    *,
-    steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
-    batch_size: int = 25,
-    **pipe_kwargs: Any,
-) -> dict[str, float]:
-    """Generate one 64×64 image per prompt and :func:`score` them: the model card's quality figures.
+def generate(pipe: Any, prompts: Sequence[str], *, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
+             batch_size: int = 25, **pipe_kwargs: Any) -> list[Any]:
+    """One 64×64 image per prompt, image ``i`` from a CPU generator seeded ``seed + i``.
 
-    Image ``i`` uses a CPU generator seeded ``seed + i``, so a figure does not depend on the batch size.
-    ``pipe_kwargs`` go to every pipeline call (a ``callback_on_step_end``, for instance).
+    So an image does not depend on the batch size. ``pipe_kwargs`` go to every pipeline call
+    (a ``negative_prompt``, a ``callback_on_step_end``, a LoRA ``cross_attention_kwargs``).
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: {batch_size!r} is not allowed; use a whole number ≥ 1")
@@ -111,7 +103,18 @@ def grade_pipeline(
         generators = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
         images += pipe(chunk, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=generators, **pipe_kwargs).images
-    return score(images, prompts)
+    return images
+
+
+def grade_pipeline(pipe: Any, prompts: Sequence[str], *, shapes: Sequence[str] | None = None,
+                   **generate_kwargs: Any) -> dict[str, float]:
+    """:func:`generate` one image per prompt and :func:`score` them: the model card's quality figures.
+
+    ``shapes`` are the judge's candidates (:func:`sdhelpers.judge.score`); the other keywords go
+    to :func:`generate`.
+    """
+    prompts = list(prompts)
+    return score(generate(pipe, prompts, **generate_kwargs), prompts, shapes)
 
 
 def quality_report(pipe: Any, *, train_prompts: int = 200, held_out_prompts: int = 100, steps: int = 25,

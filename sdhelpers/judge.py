@@ -15,7 +15,7 @@ How :func:`judge` reads an image:
    a box-filtered edge is half covered; a 3×3 majority vote removes stray specks.
 3. **Shape colour**: the median of the mask's inner pixels (its edge ring, a mix with the
    background, is left out), named by the nearest entry of :data:`~sdhelpers.data.COLOURS`.
-4. **Shape**: each candidate (circle, square, triangle) is fitted to the mask from its moments
+4. **Shape**: each candidate (circle, square, triangle; the new shapes too when asked) is fitted to the mask from its moments
    (area, centroid, spread) and drawn; the candidate whose drawing overlaps the mask best
    (highest intersection-over-union) wins. The fill ratio of the mask's bounding box (square 1,
    circle 0.785, triangle 0.5) is reported too: it is the intuition the fit makes robust.
@@ -32,7 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdhelpers.data import BACKGROUNDS, COLOURS, SHAPES, Scene, caption, parse_caption
+from PIL import ImageDraw
+
+from sdhelpers import checks
+from sdhelpers.data import ALL_SHAPES, BACKGROUNDS, COLOURS, NEW_SHAPE_CORNERS, SHAPES, Scene, caption, parse_caption
 from sdhelpers.images import tensor_to_pil
 
 BORDER = 2
@@ -132,12 +135,36 @@ def _pixel_centres(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return np.mgrid[0:h, 0:w] + 0.5
 
 
-def _templates(mask: np.ndarray) -> dict[str, np.ndarray]:
+def _polygon_variance(corners: list[tuple[float, float]]) -> float:
+    """The variance along x of a solid polygon (shoelace formulas for its area and moments)."""
+    x, y = np.array(corners).T
+    xn, yn = np.roll(x, -1), np.roll(y, -1)
+    cross = x * yn - xn * y
+    area = cross.sum() / 2
+    mean = ((x + xn) * cross).sum() / (6 * area)
+    return float(((x * x + x * xn + xn * xn) * cross).sum() / (12 * area) - mean**2)
+
+
+UNIT_VARIANCE = {name: _polygon_variance(corners((0.0, 0.0), 1.0)) for name, corners in NEW_SHAPE_CORNERS.items()}
+"""Variance along either axis of each new shape at radius 1: the star's five-fold and the cross's
+four-fold symmetry make it the same along both axes, and the centroid is the centre."""
+
+
+def _new_shape_template(shape: str, mask: np.ndarray, cx: float, cy: float, variance: float) -> np.ndarray:
+    radius = np.sqrt(variance / UNIT_VARIANCE[shape])
+    canvas = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
+    corners = [(x - 0.5, y - 0.5) for x, y in NEW_SHAPE_CORNERS[shape]((cx, cy), radius)]  # pixel centres
+    ImageDraw.Draw(canvas).polygon(corners, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _templates(mask: np.ndarray, shapes: Sequence[str] = SHAPES) -> dict[str, np.ndarray]:
     """Each candidate shape, fitted to ``mask`` by its moments and drawn on the same grid.
 
     Standard results for a solid figure: a square of side s has variance s²/12 along each axis, a
     disc of diameter d has d²/16, and an upright triangle of base b and height h has b²/24 across,
-    h²/18 down, with its centroid two thirds of the way from apex to base.
+    h²/18 down, with its centroid two thirds of the way from apex to base. A new shape's centroid
+    is its centre, and its variance follows from its corners (:data:`UNIT_VARIANCE`).
     """
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
@@ -151,23 +178,37 @@ def _templates(mask: np.ndarray) -> dict[str, np.ndarray]:
     apex = cy - 2 * height / 3
     depth = (gy - apex) / height
     triangle = (depth >= 0) & (depth <= 1) & (np.abs(gx - cx) <= depth * base / 2)
-    return {"circle": circle, "square": square, "triangle": triangle}
+    templates = {"circle": circle, "square": square, "triangle": triangle}
+    for name in NEW_SHAPE_CORNERS:
+        if name in shapes:
+            templates[name] = _new_shape_template(name, mask, cx, cy, (vx + vy) / 2)
+    return {name: templates[name] for name in shapes}
 
 
-def _shape_scores(mask: np.ndarray) -> dict[str, float]:
+def _shape_scores(mask: np.ndarray, shapes: Sequence[str]) -> dict[str, float]:
     scores = {}
-    for name, template in _templates(mask).items():
+    for name, template in _templates(mask, shapes).items():
         union = np.count_nonzero(template | mask)
-        scores[name] = np.count_nonzero(template & mask) / union if union else 0.0
-    return {name: float(scores[name]) for name in SHAPES}
+        scores[name] = float(np.count_nonzero(template & mask) / union) if union else 0.0
+    return scores
 
 
-def judge(image: Any) -> Verdict:
+def _check_shapes(shapes: Any) -> tuple[str, ...]:
+    if isinstance(shapes, str) or not isinstance(shapes, Sequence) or len(shapes) < 2:
+        raise ValueError(f"shapes: {shapes!r} is not allowed; use two or more of {', '.join(ALL_SHAPES)}")
+    return tuple(checks.choice(name, ALL_SHAPES, "shapes") for name in shapes)
+
+
+def judge(image: Any, shapes: Sequence[str] = SHAPES) -> Verdict:
     """Read colour, shape and background from the pixels of a shapes-world image.
 
     ``image`` is a PIL image, a uint8 array (H, W, 3) or a tensor (3, H, W) in [-1, 1] (what
     :class:`~sdhelpers.data.ShapesDataset` yields). Any size works; the world's is 64×64.
+    ``shapes`` are the candidates: the trained world's three by default; add ``"star"``
+    or ``"cross"`` (:data:`~sdhelpers.data.ALL_SHAPES`) to read the fine-tuning chapter's new
+    concepts too.
     """
+    shapes = _check_shapes(shapes)
     rgb = _as_rgb_array(image)
     h, w, _ = rgb.shape
     if min(h, w) < 4 * BORDER:
@@ -195,7 +236,7 @@ def judge(image: Any) -> Verdict:
     foreground_rgb = np.median(rgb[inner if np.count_nonzero(inner) >= MIN_AREA else mask], axis=0)
     colour, colour_margin = _nearest(foreground_rgb, _COLOUR_NAMES, _COLOUR_RGB)
 
-    scores = _shape_scores(mask)
+    scores = _shape_scores(mask, shapes)
     ranked = sorted(scores.values(), reverse=True)
     shape = max(scores, key=scores.get)
     shape_margin = 1.0 - (1.0 - ranked[0]) / (1.0 - ranked[1]) if ranked[1] < 1 else 0.0
@@ -231,11 +272,13 @@ def _as_image_list(images: Any) -> list[Any]:
     return list(images)
 
 
-def score(images: Any, captions: Sequence[str]) -> dict[str, float]:
+def score(images: Any, captions: Sequence[str], shapes: Sequence[str] | None = None) -> dict[str, float]:
     """Prompt adherence of a batch: how often the judge reads back what each caption asked for.
 
     Returns accuracies in [0, 1]: ``colour``, ``shape``, ``background``, ``both`` (colour and shape
     right: the composition the prompt asked for) and ``all`` (all three), plus ``n``, the count.
+    ``shapes`` are the judge's candidates; by default the trained world's three, and the new shapes
+    as well when a caption asks for one.
     """
     items = _as_image_list(images)
     if isinstance(captions, str) or not isinstance(captions, Sequence):
@@ -252,7 +295,19 @@ def score(images: Any, captions: Sequence[str]) -> dict[str, float]:
                 f"captions[{i}]: {text!r} is not a shapes-world caption like 'a red circle on a blue background'"
             )
         wanted.append(scene)
-    verdicts = [judge(image) for image in items]
+    return score_scenes(items, wanted, shapes)
+
+
+def score_scenes(images: Any, scenes: Sequence[Scene], shapes: Sequence[str] | None = None) -> dict[str, float]:
+    """:func:`score` against scenes instead of captions: for prompts that name a concept with a
+    learnt word (``"a red <cross> on a white background"``), whose scene the caller knows."""
+    items = _as_image_list(images)
+    wanted = list(scenes)
+    if len(items) != len(wanted) or not items:
+        raise ValueError(f"scenes: got {len(wanted)} scenes for {len(items)} images; need one each, at least one")
+    if shapes is None:
+        shapes = SHAPES if {scene.shape for scene in wanted} <= set(SHAPES) else ALL_SHAPES
+    verdicts = [judge(image, shapes) for image in items]
     colour = np.array([v.colour == s.colour for v, s in zip(verdicts, wanted)])
     shape = np.array([v.shape == s.shape for v, s in zip(verdicts, wanted)])
     background = np.array([v.background == s.background for v, s in zip(verdicts, wanted)])
