@@ -92,15 +92,6 @@ def example_loss(unet: nn.Module, scheduler, latents: ExampleLatents, text_embed
     return diffusion_loss(unet, scheduler, sample, embeddings.to(sample.dtype), generator)
 
 
-@torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """The frozen text encoder's last hidden state for each prompt (B, 77, d)."""
-    from sdhelpers.models import tokenize
-
-    ids = tokenize(pipe.tokenizer, list(prompts)).to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
-
-
 def trainable(parameters: Sequence[nn.Parameter]) -> int:
     """How many numbers the optimizer may change."""
     return int(sum(p.numel() for p in parameters))

@@ -15,9 +15,9 @@ How :func:`judge` reads an image:
    a box-filtered edge is half covered; a 3×3 majority vote removes stray specks.
 3. **Shape colour**: the median of the mask's inner pixels (its edge ring, a mix with the
    background, is left out), named by the nearest entry of :data:`~sdhelpers.data.COLOURS`.
-4. **Shape**: each candidate (circle, square, triangle; the new shapes too when asked) is fitted to the mask from its moments
-   (area, centroid, spread) and drawn; the candidate whose drawing overlaps the mask best
-   (highest intersection-over-union) wins. The fill ratio of the mask's bounding box (square 1,
+4. **Shape**: each candidate (circle, square, triangle; the new shapes too when asked) is
+   fitted to the mask from its moments (area, centroid, spread) and drawn; the candidate whose
+   drawing overlaps the mask best (highest intersection-over-union) wins. The fill ratio of the mask's bounding box (square 1,
    circle 0.785, triangle 0.5) is reported too: it is the intuition the fit makes robust.
 """
 
@@ -30,9 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from sdhelpers import checks
 from sdhelpers.data import ALL_SHAPES, BACKGROUNDS, COLOURS, NEW_SHAPE_CORNERS, SHAPES, Scene, caption, parse_caption

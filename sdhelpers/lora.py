@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from sdhelpers import checks
-from sdhelpers.adapters import (ExampleLatents, TeachResult, check_examples, encode_prompts, example_loss,
-                                noise_scheduler, teach)
+from sdhelpers.adapters import ExampleLatents, TeachResult, check_examples, example_loss, noise_scheduler, teach
+from sdhelpers.loop import encode_text
 
 LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 """The attention projections LoRA adapts, as in diffusers' LoRA training scripts."""
@@ -95,9 +95,11 @@ def train_lora(pipe: Any, images: Sequence[Image.Image], prompts: Sequence[str],
         prior_images, prior_prompts = check_examples(prior_images, prior_prompts, "prior_images")
     parameters = add_lora(pipe.unet, rank, targets=targets)
     scheduler = noise_scheduler(pipe)
-    examples, embeddings = ExampleLatents(pipe.vae, images), encode_prompts(pipe, prompts)
+    examples = ExampleLatents(pipe.vae, images)
+    embeddings = encode_text(pipe.text_encoder, pipe.tokenizer, prompts)
     if prior:
-        prior_latents, prior_embeddings = ExampleLatents(pipe.vae, prior_images), encode_prompts(pipe, prior_prompts)
+        prior_latents = ExampleLatents(pipe.vae, prior_images)
+        prior_embeddings = encode_text(pipe.text_encoder, pipe.tokenizer, prior_prompts)
         weight = checks.positive_number(prior_weight, "prior_weight", example="1.0")
 
     def loss(generator: torch.Generator) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from sdhelpers.adapters import ExampleLatents, TeachResult, check_examples, example_loss, noise_scheduler, teach
 from sdhelpers.checkpoint import atomic_write_bytes
+from sdhelpers.models import tokenize
 
 DEFAULT_TOKEN = "<cross>"
 
@@ -99,8 +100,7 @@ def train_textual_inversion(pipe: Any, images: Sequence[Image.Image], prompts: S
     for part in (pipe.unet, pipe.text_encoder, pipe.vae):
         part.requires_grad_(False)
     latents, scheduler = ExampleLatents(pipe.vae, images), noise_scheduler(pipe)
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(embedding.weight.device)
+    ids = tokenize(pipe.tokenizer, prompts).to(embedding.weight.device)
 
     def loss(generator: torch.Generator) -> torch.Tensor:
         return example_loss(pipe.unet, scheduler, latents, pipe.text_encoder(ids)[0], generator)
