@@ -15,8 +15,8 @@ Running models:
 
 Pictures and prompts:
 
-- ``sdhelpers.images``: PIL <-> tensors, grids, latent views, PSNR; ``sdhelpers.masks``: inpainting masks.
-- ``sdhelpers.figures``: labelled image grids, and the difference of two images made visible.
+- ``sdhelpers.images``: grids with labels, enlargements, differences, PSNR; ``sdhelpers.masks``: inpainting masks.
+- ``sdhelpers.pixels``, ``latent_views``, ``sketches``: conversions, latent viewers and sketches, re-exported by ``sdhelpers.images``.
 - ``sdhelpers.data``: the synthetic shapes world TinySD is trained on.
 - ``sdhelpers.judge``: a pixel-level judge of prompt adherence.
 - ``sdhelpers.evaluate``: the networks' metrics and grading a pipeline (``python -m sdhelpers.evaluate``).

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sdhelpers.figures import labelled_grid  # noqa: E402
+from sdhelpers.images import labelled_grid  # noqa: E402
 
 
 def _images(n):
@@ -36,7 +36,7 @@ def test_grid_rejects_what_does_not_fit(kwargs, match):
 
 
 def test_difference_image_shows_small_differences_amplified():
-    from sdhelpers.figures import difference_image
+    from sdhelpers.images import difference_image
 
     a, b = Image.new("RGB", (4, 4), (100, 100, 100)), Image.new("RGB", (4, 4), (103, 100, 90))
     assert difference_image(a, b).getpixel((0, 0)) == (30, 0, 100)
@@ -45,3 +45,23 @@ def test_difference_image_shows_small_differences_amplified():
         difference_image(a, Image.new("RGB", (2, 2)))
     with pytest.raises(ValueError, match="gain"):
         difference_image(a, b, gain=0)
+
+
+def test_tiles_carry_their_own_labels_and_are_large():
+    fig = labelled_grid(_images(3), labels=["red", "green", "blue"])
+    assert [ax.get_xlabel() for ax in fig.axes] == ["red", "green", "blue"]
+    fig.canvas.draw()
+    box = fig.axes[0].get_window_extent()
+    assert box.width >= 128 and box.height >= 128  # a 64-px image is shown at >= 128 px
+    plt.close(fig)
+
+
+def test_an_unfilled_last_row_is_left_blank():
+    fig = labelled_grid(_images(5), cols=3)
+    assert len(fig.axes) == 6 and not fig.axes[5].axison and not fig.axes[5].images
+    plt.close(fig)
+
+
+def test_tile_labels_must_match_the_images():
+    with pytest.raises(ValueError, match="labels: 2 labels for 3 images"):
+        labelled_grid(_images(3), labels=["a", "b"])
