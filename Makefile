@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WIDGETS_STAMP := book/node_modules/.installed
 
-.PHONY: help venv book test test-latest unit nbval browser lab execute bench tinysd teach clean
+.PHONY: help venv book test test-latest unit nbval browser lab execute bench tinysd teach dist clean
 
 help:
 	@echo "make book     build the HTML book into book/_build/html (offline, from stored outputs)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench    print the side-by-side CPU benchmark table (sdhelpers.bench)"
 	@echo "make tinysd   retrain the shipped TinySD from nothing, measure it, rewrite its model card"
 	@echo "make teach    retrain chapter 8's textual inversion and LoRA files and their results.json"
+	@echo "make dist     build the sdhelpers wheel, TinySD inside, into dist/ (for use outside the repository)"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +74,15 @@ teach: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m sdhelpers.bench
+
+# The wheel for use outside the repository: every module, TinySD (weights and tokenizer), chapter 8's
+# fine-tunes and the benchmark runs (pyproject.toml's package-data; tests/test_dist.py checks it).
+# build/ goes first: setuptools would package files left there by an earlier build.
+dist: $(STAMP)
+	rm -rf build dist/sdhelpers-*.whl
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation --no-index -w dist .
+	rm -rf build sdhelpers.egg-info
+	@ls -l dist/sdhelpers-*.whl
 
 clean:
 	rm -rf book/_build .pytest_cache tests/artifacts
