@@ -73,6 +73,8 @@ SD15_TEXT_ENCODER_CONFIG = {
 }
 
 SD15_SCHEDULER_CONFIG = {
+    # SD 1.5's published scheduler_config.json: PNDM, plus ``clip_sample: false``, which PNDM
+    # ignores but a DDIM built ``from_config`` inherits (latents are not pixels in [-1, 1]).
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -81,6 +83,7 @@ SD15_SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "set_alpha_to_one": False,
     "trained_betas": None,
+    "clip_sample": False,
 }
 
 

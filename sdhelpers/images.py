@@ -16,6 +16,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,6 +109,15 @@ def _check_labels(labels: Sequence[str], count: int, name: str, what: str) -> li
     return labels
 
 
+def _wrap(label: str, width: int) -> str:
+    """Each line of ``label`` wrapped to ``width`` characters; its own line breaks are kept."""
+    return "\n".join(textwrap.fill(line, width=width) for line in str(label).split("\n"))
+
+
+def _line_count(labels: Sequence[str]) -> int:
+    return max((label.count("\n") + 1 for label in labels), default=0)
+
+
 def labelled_grid(images: Sequence[Image], rows: int | None = None, cols: int | None = None, *,
                   labels: Sequence[str] = (), row_labels: Sequence[str] = (),
                   col_labels: Sequence[str] = (), title: str | None = None,
@@ -134,12 +144,13 @@ def labelled_grid(images: Sequence[Image], rows: int | None = None, cols: int | 
     col_labels = _check_labels(col_labels, cols, "col_labels", "columns")
     if isinstance(inches, bool) or not isinstance(inches, (int, float)) or not inches > 0:
         raise ValueError(f"inches: {inches!r} is not allowed; use a number > 0")
-    label_height = 0.35 * max((label.count("\n") + 1 for label in labels), default=0)
-    fig, axes = plt.subplots(
-        rows, cols, squeeze=False,
-        figsize=(cols * inches * 1.08 + (1.3 if row_labels else 0.1),
-                 rows * (inches * 1.08 + label_height) + (0.45 if col_labels or title else 0.1)),
-    )
+    wrapped = [_wrap(label, int(inches * 15)) for label in labels]
+    col_labels = [_wrap(label, int(inches * 14)) for label in col_labels]
+    row_labels = [_wrap(label, 18) for label in row_labels]
+    width = cols * inches * 1.08 + (1.3 if row_labels else 0.1)
+    height = (rows * (inches * 1.08 + 0.16 * _line_count(wrapped))
+              + 0.16 * _line_count(col_labels) + (0.35 if title else 0.1))
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(width, height))
     for index, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -152,8 +163,8 @@ def labelled_grid(images: Sequence[Image], rows: int | None = None, cols: int | 
             ax.axis("off")
             continue
         ax.imshow(to_rgb(images[index]), interpolation="nearest")
-        if labels:
-            ax.set_xlabel(labels[index], fontsize=8)
+        if labels:  # wrapped to the tile's width, so long prompts never overlap
+            ax.set_xlabel(wrapped[index], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

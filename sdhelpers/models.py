@@ -230,7 +230,7 @@ def assemble_pipeline(vae, text_encoder, unet):
     with quiet_libraries():
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
-            scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)

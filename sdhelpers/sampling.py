@@ -30,6 +30,7 @@ from sdhelpers import checks
 from sdhelpers.images import to_rgb
 from sdhelpers.masks import resize_mask
 from sdhelpers.models import tokenize
+from sdhelpers.schedulers import SCHEDULERS, use_scheduler  # noqa: F401  (re-exported)
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
 
@@ -89,17 +90,40 @@ def predict_noise(pipe, latents, t, cond, uncond, guidance_scale: float) -> torc
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
 
+def initial_latents(pipe, batch: int, height: int, width: int, generator=None) -> torch.Tensor:
+    """Text-to-image's first latent: Gaussian noise of the latent's shape, times the sampler's sigma.
+
+    ``(batch, 4, height / 8, width / 8)``, drawn from ``generator`` as the pipeline draws it, then
+    scaled by ``scheduler.init_noise_sigma`` (1 for DDPM-style samplers, larger for Euler's): call
+    ``scheduler.set_timesteps`` first, since some samplers set that sigma there.
+    """
+    shape = (checks.positive_int(batch, "batch"), pipe.unet.config.in_channels,
+             height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latents = randn_tensor(shape, generator=generator, device=pipe.device, dtype=pipe.text_encoder.dtype)
+    return latents * pipe.scheduler.init_noise_sigma
+
+
+def denoise_step(pipe, latents, t, cond, uncond, guidance_scale, generator=None) -> torch.Tensor:
+    """One denoising step: the guided noise prediction at ``t``, then the scheduler's step to ``t - 1``.
+
+    The scheduler turns "the noise in this latent" into the latent of the next, less noisy level;
+    how it does so (PNDM's multistep formula, DDIM's deterministic jump) is all that differs
+    between samplers.
+    """
+    with torch.no_grad():
+        noise = predict_noise(pipe, latents, t, cond, uncond, guidance_scale)
+    step_kwargs = _step_kwargs(pipe.scheduler, generator)
+    return pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+
+
 def denoise(pipe, latents, timesteps, cond, uncond, guidance_scale, generator=None, after_step=None, callback=None):
     """The loop shared by all three tasks: predict the noise, let the scheduler take one step.
 
     ``after_step(i, t, latents) -> latents`` lets inpainting paste the known region back;
     ``callback(i, t, latents)`` sees every intermediate latent (for previews).
     """
-    step_kwargs = _step_kwargs(pipe.scheduler, generator)
     for i, t in enumerate(timesteps):
-        with torch.no_grad():
-            noise = predict_noise(pipe, latents, t, cond, uncond, guidance_scale)
-        latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        latents = denoise_step(pipe, latents, t, cond, uncond, guidance_scale, generator)
         if after_step is not None:
             latents = after_step(i, t, latents)
         if callback is not None:
@@ -123,9 +147,7 @@ def txt2img(pipe, prompt, negative_prompt=None, steps: int = 50, guidance_scale:
     checks.positive_int(steps, "steps")
     cond, uncond = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt)
     pipe.scheduler.set_timesteps(steps, device=pipe.device)
-    shape = (cond.shape[0], pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    latents = randn_tensor(shape, generator=generator, device=pipe.device, dtype=cond.dtype)
-    latents = latents * pipe.scheduler.init_noise_sigma
+    latents = initial_latents(pipe, cond.shape[0], height, width, generator)
     latents = denoise(pipe, latents, pipe.scheduler.timesteps, cond, uncond, guidance_scale, generator, callback=callback)
     return decode(pipe, latents, output_type)
 
@@ -295,32 +317,3 @@ def _check_size(pipe, height, width) -> tuple[int, int]:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % pipe.vae_scale_factor:
             raise ValueError(f"{name}: {value!r} is not allowed; use a positive multiple of {pipe.vae_scale_factor}")
     return height, width
-
-
-# --- swapping the sampler ------------------------------------------------------------------------
-
-SCHEDULERS = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {"clip_sample": False}),
-    "ddim-clipped": ("DDIMScheduler", {"clip_sample": True}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-}
-
-
-def use_scheduler(pipe, name: str, **overrides):
-    """Swap ``pipe.scheduler`` for another sampler built from the same training config, as the source does.
-
-    ``X.from_config(pipe.scheduler.config, ...)`` keeps the training noise schedule (scaled_linear
-    0.00085-0.012, 1000 steps) and changes only how the reverse steps are taken. ``"ddim"`` sets
-    ``clip_sample=False``: latents are not images in [-1, 1], and clipping them ruins the result
-    (``"ddim-clipped"`` shows that).
-    """
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"name: {name!r} is not a known scheduler; use one of {', '.join(SCHEDULERS)}")
-    class_name, defaults = SCHEDULERS[name]
-    scheduler_class = getattr(diffusers, class_name)
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **{**defaults, **overrides})
-    return pipe.scheduler

@@ -239,3 +239,22 @@ def test_trajectory_records_every_step_and_decodes_previews(pipes):
         trajectory.previews(pipe, index=2)
     with pytest.raises(ValueError, match="^trajectory: no step"):
         sampling.Trajectory().previews(pipe)
+
+
+@pytest.mark.parametrize("kind", ["pndm", "ddim"])
+def test_the_loop_written_out_is_txt2img(pipes, kind):
+    """The steps a chapter writes in cells (initial_latents, denoise_step) are txt2img's."""
+    pipe = with_scheduler(pipes["txt2img"], kind)
+    expected = sampling.txt2img(pipe, PROMPTS, steps=4, height=SIZE, width=SIZE,
+                                generator=gen(3), output_type="latent")
+    cond, uncond = sampling.encode_prompt(pipe, PROMPTS)
+    pipe.scheduler.set_timesteps(4)
+    latents = sampling.initial_latents(pipe, len(PROMPTS), SIZE, SIZE, gen(3))
+    for t in pipe.scheduler.timesteps:
+        latents = sampling.denoise_step(pipe, latents, t, cond, uncond, 7.5)
+    assert torch.equal(latents, expected)
+
+
+def test_initial_latents_refuses_an_empty_batch(pipes):
+    with pytest.raises(ValueError, match="batch"):
+        sampling.initial_latents(pipes["txt2img"], 0, SIZE, SIZE)
