@@ -85,4 +85,4 @@ dist: $(STAMP)
 	@ls -l dist/sdhelpers-*.whl
 
 clean:
-	rm -rf book/_build .pytest_cache tests/artifacts
+	rm -rf book/_build .pytest_cache tests/artifacts build dist

@@ -22,10 +22,13 @@ Pictures and prompts:
 - ``sdhelpers.evaluate``: the networks' metrics and grading a pipeline (``python -m sdhelpers.evaluate``).
 - ``sdhelpers.targets``: the quality bar TinySD is held to, read from what was measured.
 - ``sdhelpers.clip``: zero-shot classification and similarity matrices with the mini CLIP.
-- ``sdhelpers.sampling``: txt2img, img2img and inpainting written out by hand, equal to diffusers.
+- ``sdhelpers.sampling``: txt2img, img2img and inpainting written out by hand, equal to diffusers;
+  ``sdhelpers.schedulers``: the samplers by name.
 - ``sdhelpers.guidance``: why strong guidance breaks a small model (the branch gap), and limited-interval guidance.
 - ``sdhelpers.attention``: cross-attention maps and a trace of the UNet's blocks.
-- ``sdhelpers.widgets``: live ipywidgets explorers.
+- ``sdhelpers.widgets``: live ipywidgets explorers; ``sdhelpers.studio``: txt2img, img2img and inpainting
+  in one app.
+- ``sdhelpers.tables``: tables that render as tables on the book's pages.
 
 Training:
 

@@ -260,6 +260,60 @@ return {
 """
 
 
+# Code and output boxes that a reader would have to scroll sideways at the window's 1280 px.
+SCROLLING_BOXES_JS = """
+const boxes = document.querySelectorAll('div.cell_input pre, div.cell_output pre, div.cell_output');
+return Array.from(boxes)
+    .filter(box => box.offsetParent !== null && box.scrollWidth > box.clientWidth + 2)
+    .map(box => box.textContent.trim().split('\\n')[0].slice(0, 60));
+"""
+
+# The exercises' section: its code cells, and whether each is folded inside a closed <details>.
+EXERCISES_JS = """
+const heading = Array.from(document.querySelectorAll('main h2'))
+    .find(h => h.textContent.replace('#', '').trim() === 'Exercises');
+if (!heading) return null;
+const section = heading.closest('section');
+const cells = Array.from(section.querySelectorAll('div.cell'));
+return {
+    cells: cells.length,
+    open: cells.filter(cell => {
+        const fold = cell.querySelector('details');
+        return !fold || fold.open;
+    }).length,
+    folds: section.querySelectorAll('details').length,
+};
+"""
+
+# Markdown that was printed as text: a table's separator row outside any <table>.
+UNRENDERED_TABLE = re.compile(r"^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$", re.M)
+
+
+def chapter_shape_problems(driver) -> list[str]:
+    """Boxes that scroll sideways, unrendered tables, the summary and the folded solutions."""
+    from selenium.webdriver.common.by import By
+
+    problems = []
+    scrolling = driver.execute_script(SCROLLING_BOXES_JS)
+    if scrolling:
+        problems.append(f"{len(scrolling)} code or output boxes scroll sideways at 1280 px, "
+                        f"e.g. {scrolling[:3]}")
+    outputs = " ".join(o.text for o in driver.find_elements(By.CSS_SELECTOR, "div.cell_output"))
+    if UNRENDERED_TABLE.search(outputs):
+        problems.append("an output shows a Markdown table as text instead of a <table>")
+    summaries = [s for s in driver.find_elements(By.CSS_SELECTOR, "main p > strong")
+                 if s.text.startswith("What we verified")]
+    if len(summaries) != 1:
+        problems.append(f"{len(summaries)} 'What we verified' summaries; a chapter has one")
+    exercises = driver.execute_script(EXERCISES_JS)
+    if exercises is None:
+        problems.append("no 'Exercises' section")
+    elif exercises["open"] or not exercises["folds"]:
+        problems.append(f"solutions not folded: {exercises['open']} of {exercises['cells']} code "
+                        f"cells open, {exercises['folds']} folds in the exercises")
+    return problems
+
+
 def network_problems(performance_log: list[dict], base_url: str) -> list[str]:
     """Requests that failed (network error or HTTP >= 400) or that left the local server."""
     requests: dict[str, tuple[str, str]] = {}
@@ -370,6 +424,7 @@ def test_page_reads_well_in_a_browser(browser, book_url: str, page: str) -> None
         outputs = [o for o in browser.find_elements(By.CSS_SELECTOR, "div.cell_output") if o.is_displayed()]
         if not outputs:
             problems.append("a chapter without any rendered cell output (was it executed and saved?)")
+        problems += chapter_shape_problems(browser)
     if widgets["rendered"] < widgets["views"]:
         problems.append(f"only {widgets['rendered']} of {widgets['views']} stored widgets rendered")
 

@@ -37,3 +37,11 @@ def test_code_cells_are_short(path):
 def test_no_source_dumps(path):
     dumps = [i for i, source in _code_cells(path) if "getsource" in source]
     assert not dumps, f"cells {dumps} print source code instead of writing it out"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_cell_says_how_to_get_sdhelpers(path):
+    """A notebook downloaded on its own must say where its imports come from."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    first = "".join(cells[0]["source"])
+    assert cells[0]["cell_type"] == "markdown" and "make dist" in first and "pip install" in first
