@@ -1,4 +1,4 @@
-"""Live explorers for the generation chapters, built from ipywidgets.
+"""Live explorers for the generation chapters, and the studio (:mod:`sdhelpers.studio`), built from ipywidgets.
 
 Each explorer regenerates on every change of a control; TinySD takes about half a second per image on
 a laptop CPU, so they feel live there. The picture is an ``ipywidgets.Image`` holding PNG bytes, so the
@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdhelpers.device import Timer, make_generator
 from sdhelpers.libraries import quiet_libraries
-from sdhelpers.sampling import SCHEDULERS, use_scheduler
+from sdhelpers.schedulers import SCHEDULERS, use_scheduler
 
 
 def _working_copy(pipe, pipeline_class):
@@ -113,3 +113,13 @@ def img2img_explorer(pipe, image: Image.Image, prompt: str = "a red circle on a 
                     guidance_scale=guidance_scale, generator=generator).images[0]
 
     return _explorer(controls, generate)
+
+
+def studio(pipe, **options) -> widgets.Tab:
+    """The studio: text to image, image to image and inpainting in one app, a tab each.
+
+    See :func:`sdhelpers.studio.studio` for the options; ``studio(pipe)`` opens it on ``pipe``.
+    """
+    from sdhelpers.studio import studio as open_studio
+
+    return open_studio(pipe, **options)

@@ -93,3 +93,10 @@ def test_explorer_guidance_starts_at_sd_default_and_is_checked(tiny_pipeline_dir
     assert sliders and sliders[0].value == 7.5
     with pytest.raises(ValueError, match="guidance_scale"):
         txt2img_explorer(pipe, steps=1, guidance_scale=20.0)
+
+
+def test_the_studio_opens_from_widgets(pipe):
+    from sdhelpers.widgets import studio
+
+    app = studio(pipe, steps=1, render=False)
+    assert app.titles == ("text to image", "image to image", "inpainting")
