@@ -26,6 +26,8 @@ Pictures and prompts:
   ``sdhelpers.schedulers``: the samplers by name.
 - ``sdhelpers.guidance``: why strong guidance breaks a small model (the branch gap), and limited-interval guidance.
 - ``sdhelpers.attention``: cross-attention maps and a trace of the UNet's blocks.
+- ``sdhelpers.unet_diagram``: the UNet's blocks and one CrossAttnDownBlock2D drawn from the config
+  (``sdhelpers.unet_layout`` computes what it draws).
 - ``sdhelpers.widgets``: live ipywidgets explorers; ``sdhelpers.studio``: txt2img, img2img and inpainting
   in one app.
 - ``sdhelpers.tables``: tables that render as tables on the book's pages.
