@@ -261,11 +261,16 @@ return {
 
 
 # Code and output boxes that a reader would have to scroll sideways at the window's 1280 px.
+# Folded cells are opened for the measure (a reader opens them), then folded again.
 SCROLLING_BOXES_JS = """
+const folded = Array.from(document.querySelectorAll('details:not([open])'));
+folded.forEach(fold => { fold.open = true; });
 const boxes = document.querySelectorAll('div.cell_input pre, div.cell_output pre, div.cell_output');
-return Array.from(boxes)
+const scrolling = Array.from(boxes)
     .filter(box => box.offsetParent !== null && box.scrollWidth > box.clientWidth + 2)
     .map(box => box.textContent.trim().split('\\n')[0].slice(0, 60));
+folded.forEach(fold => { fold.open = false; });
+return scrolling;
 """
 
 # The exercises' section: its code cells, and whether each is folded inside a closed <details>.
