@@ -29,7 +29,7 @@ Pictures and prompts:
 - ``sdhelpers.unet_diagram``: the UNet's blocks and one CrossAttnDownBlock2D drawn from the config
   (``sdhelpers.unet_layout`` computes what it draws).
 - ``sdhelpers.widgets``: live ipywidgets explorers; ``sdhelpers.studio``: txt2img, img2img and inpainting
-  in one app.
+  in one app (its widgets in ``sdhelpers.studio_app``).
 - ``sdhelpers.tables``: tables that render as tables on the book's pages.
 
 Training:

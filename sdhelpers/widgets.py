@@ -118,8 +118,8 @@ def img2img_explorer(pipe, image: Image.Image, prompt: str = "a red circle on a 
 def studio(pipe, **options) -> widgets.Tab:
     """The studio: text to image, image to image and inpainting in one app, a tab each.
 
-    See :func:`sdhelpers.studio.studio` for the options; ``studio(pipe)`` opens it on ``pipe``.
+    See :func:`sdhelpers.studio_app.studio` for the options; ``studio(pipe)`` opens it on ``pipe``.
     """
-    from sdhelpers.studio import studio as open_studio
+    from sdhelpers.studio_app import studio as open_studio
 
     return open_studio(pipe, **options)

@@ -10,7 +10,8 @@ from PIL import Image
 from sdhelpers.device import make_generator
 from sdhelpers.models import load_pipeline
 from sdhelpers.studio import (MASK_PRESETS, SKETCHES, TASKS, Studio, StudioError, mask_preset,
-                              sketch, studio)
+                              sketch)
+from sdhelpers.studio_app import studio
 
 FAST = dict(steps=3, seed=0, scheduler="ddim")
 
