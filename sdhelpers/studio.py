@@ -1,4 +1,4 @@
-"""One studio for the three tasks: text to image, image to image and inpainting, in ipywidgets tabs.
+"""One studio for the three tasks: text to image, image to image and inpainting, the logic of its tabs.
 
 The book's answer to the Stable Diffusion 2.1 GUI notebook the source points to. Each tab runs a
 stock diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline``,
@@ -6,8 +6,8 @@ stock diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionImg2ImgP
 so it shares the weights and leaves the reader's pipeline (its scheduler too) as it was.
 
 The logic needs no browser: :class:`Studio` takes the settings and returns a :class:`Result`, the
-image and its settings as text; the app of :func:`studio` only gathers the controls' values and
-calls it. A bad setting raises :class:`StudioError`, whose message starts with the field's name;
+image and its settings as text; the app (:func:`sdhelpers.studio_app.studio`) only gathers the
+controls' values and calls it. A bad setting raises :class:`StudioError`, whose message starts with the field's name;
 the app shows that message in its tab instead of a traceback.
 """
 
