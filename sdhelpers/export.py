@@ -31,6 +31,10 @@ LOSS_NAME = "loss.json"
 REPORT_NAME = "report.json"
 
 
+KEPT_FILES = ("levers.json",)
+"""Files of a model folder that a rebuild carries over: the measured record of earlier recipes."""
+
+
 def save_component(model: nn.Module, folder: Path) -> None:
     """``save_pretrained`` into a fresh folder (safetensors), replacing an older copy."""
     if folder.exists():
@@ -44,7 +48,8 @@ def load_component(work: str | os.PathLike, stage: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    classes = {"vae": AutoencoderKL, "clip": CLIPTextModel, "unet": UNet2DConditionModel}
+    classes = {"vae": AutoencoderKL, "clip": CLIPTextModel, "unet": UNet2DConditionModel,
+               "refine": UNet2DConditionModel}
     folder = Path(work) / checks.choice(stage, STAGES, "stage") / FINAL_FOLDER
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -53,6 +58,17 @@ def load_component(work: str | os.PathLike, stage: str):
         )
     with quiet_libraries():
         return classes[stage].from_pretrained(folder, dtype=torch.float32)
+
+
+def load_scaled_vae(work: str | os.PathLike):
+    """The VAE as the UNet stage left it: with the scaling factor measured on its latents."""
+    from diffusers import AutoencoderKL
+
+    vae_folder = Path(work) / "unet" / "vae"
+    if not (vae_folder / "config.json").is_file():
+        raise FileNotFoundError(f"work: {work} has no finished UNet stage; run the unet stage first")
+    with quiet_libraries():
+        return AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32)
 
 
 def folder_megabytes(folder: Path) -> float:
@@ -137,19 +153,16 @@ def _ship_slow_tokenizer_files(folder: Path) -> None:
 
 
 def finish(out: str | os.PathLike, work: str | os.PathLike, *, seed: int, preset: str | None = None) -> Path:
-    """Export the pipeline from a work folder whose three stages are done, with curves and ``training.json``."""
+    """Export the pipeline from a work folder whose stages are done, with curves and ``training.json``."""
     from sdhelpers.device import hardware_summary
 
-    work = Path(work)
-    vae_folder = work / "unet" / "vae"
-    if not (vae_folder / "config.json").is_file():
-        raise FileNotFoundError(f"work: {work} has no finished UNet stage; run the unet stage first")
-    from diffusers import AutoencoderKL
+    from sdhelpers.recipe import PRESETS
 
-    with quiet_libraries():
-        vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32)
+    work = Path(work)
+    vae = load_scaled_vae(work)
     text_encoder = load_component(work, "clip")
-    unet = load_component(work, "unet")
+    refined = PRESETS[preset].refine is not None if preset in PRESETS else (work / "refine" / FINAL_FOLDER).is_dir()
+    unet = load_component(work, "refine" if refined else "unet")
     reports = {s: json.loads((work / s / REPORT_NAME).read_text()) for s in STAGES if (work / s / REPORT_NAME).is_file()}
     curves = {f"loss_{s}.json": json.loads((work / s / LOSS_NAME).read_text()) for s in STAGES
               if (work / s / LOSS_NAME).is_file()}
@@ -167,7 +180,8 @@ def finish(out: str | os.PathLike, work: str | os.PathLike, *, seed: int, preset
     for config in training["configs"].values():
         config.pop("_name_or_path", None)
     training = json.loads(json.dumps(training, default=str))
-    return export_pipeline(out, vae, text_encoder, unet, extra_files={"training.json": training, **curves})
+    kept = {name: json.loads((Path(out) / name).read_text()) for name in KEPT_FILES if (Path(out) / name).is_file()}
+    return export_pipeline(out, vae, text_encoder, unet, extra_files={"training.json": training, **curves, **kept})
 
 
 def default_work(out: str | os.PathLike) -> Path:

@@ -37,7 +37,7 @@ from sdhelpers.device import flush_denormals
 STATE_KIND = "sdhelpers.fit/1"
 """Written into every state saved by :func:`save_training_state`; anything else is refused on load."""
 
-STAGE_CODES = {"vae": 1, "clip": 2, "unet": 3, "init": 4, "eval": 5, "finetune": 6}
+STAGE_CODES = {"vae": 1, "clip": 2, "unet": 3, "init": 4, "eval": 5, "finetune": 6, "refine": 7}
 
 
 def step_generator(seed: int, stage: str, step: int, rank: int = 0) -> torch.Generator:

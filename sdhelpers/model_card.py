@@ -62,6 +62,8 @@ def _caption_dropout(training: dict[str, Any]) -> float:
 
 def _unet_objective(training: dict[str, Any]) -> str:
     """The UNet stage's additions to SD's loss, as its report records them (empty for SD's plain loss)."""
+    if training.get("stages", {}).get("refine"):
+        return _refine_objective(training)
     report = training.get("stages", {}).get("unet", {})
     parts = []
     if report.get("open_captions"):
@@ -76,6 +78,25 @@ def _unet_objective(training: dict[str, Any]) -> str:
             + f" is pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
             "(`sdhelpers.objectives.consistent_diffusion_loss`)")
     return "; ".join(parts) + (". " if parts else "")
+
+
+def _refine_objective(training: dict[str, Any]) -> str:
+    """What the refine stage adds to SD's loss, as its report records it."""
+    report = training["stages"]["refine"]
+    parts = [f"Then the refine stage trains that UNet on for {report['steps']:,} steps (as SD 1.5 went on "
+             "from SD 1.2 to improve classifier-free guidance), with SD's loss on every item"]
+    if report.get("open_captions"):
+        parts.append(f"{100 * report['open_captions']:.0f}% of its captions leave the colour, the shape or "
+                     "the background unsaid")
+    if report.get("branch_consistency"):
+        parts.append(
+            f"and an extra pass: below timestep {report['consistency_below_timestep']}, where the noised latent "
+            "already fixes the picture, the prediction with the empty prompt"
+            + (f" (or, for {100 * report['consistency_swaps']:.0f}% of the items, with another item's caption)"
+               if report.get("consistency_swaps") else "")
+            + f" is pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
+            "(`sdhelpers.objectives.extra_pass_consistency_loss`)")
+    return "; ".join(parts) + ". "
 
 
 def _percent(score: dict[str, float], keys=("colour", "shape", "background", "both")) -> str:
@@ -131,14 +152,24 @@ def _levers_section(levers: list[dict[str, Any]]) -> str:
     """How the recipe was chosen: each variant's branch gap and adherence at guidance 7.5, as measured."""
     if not levers:
         return ""
-    rows = ["| variant | UNet steps | gap at t = 200 | colour / shape / both at 7.5 | held-out both at 7.5 |",
-            "|---|---|---|---|---|"]
+    rows = ["| variant | UNet steps | gap at t = 200 | colour / shape / both at 7.5 | held-out both at 7.5 | "
+            "both at guidance 2 / 12 | stated right under the negative |", "|---|---|---|---|---|---|---|"]
     for lever in levers:
         train, held = lever["train_7.5"], lever["held_out_7.5"]
         rows.append(f"| {lever['name']} | {lever['unet_steps']} | {lever['gap_200']:.3f} | "
                     f"{_percent(train, ('colour', 'shape', 'both')).replace(' | ', ' / ')} (n = {train['n']}) | "
-                    f"{100 * held['both']:.1f}% (n = {held['n']}) |")
+                    f"{100 * held['both']:.1f}% (n = {held['n']}) | {_sweep_ends(lever)} | "
+                    f"{_share(lever.get('negative_stated_right'))} |")
     return "\n## How the recipe was chosen\n\n" + levers[0].get("how", "") + "\n\n" + "\n".join(rows) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def _sweep_ends(lever: dict[str, Any]) -> str:
+    """Both right at guidance 2 and 12, where a variant was measured there ("—" where not)."""
+    return " / ".join(_share(lever.get(f"guidance_{scale}", {}).get("both")) for scale in (2, 12))
 
 
 def _sweep_figure(quality: dict[str, Any]) -> str:

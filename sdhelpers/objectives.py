@@ -185,3 +185,30 @@ def consistent_diffusion_loss(unet: nn.Module, noise_scheduler, latents: torch.T
         pull = F.mse_loss(model_pred[taught].float(), target.float(), reduction="sum") / model_pred[0].numel()
         loss = loss + weight * pull / latents.shape[0]
     return loss
+
+
+def extra_pass_consistency_loss(unet: nn.Module, noise_scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
+                                caption_embeddings: torch.Tensor, empty_embedding: torch.Tensor, dropped: torch.Tensor,
+                                generator: torch.Generator, weight: float, below_timestep: int,
+                                swap: float = 0.0) -> torch.Tensor:
+    """:func:`diffusion_loss` whole, plus an extra pass that pulls the other branches towards the prompted one.
+
+    The refine stage's loss. Unlike :func:`consistent_diffusion_loss`, no item leaves SD's loss:
+    the prompted branch keeps all it learnt. Then the items below ``below_timestep`` that kept their
+    caption go through the UNet a second time, with the empty prompt or (a ``swap`` share of them)
+    the next item's caption, and that prediction is pulled (with ``weight``) towards the first
+    pass's, held fixed. ``weight=0`` gives exactly :func:`diffusion_loss` (same draws).
+    """
+    noisy_latents, noise, timesteps = noised(noise_scheduler, latents, generator)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample
+    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+    taught = (timesteps < below_timestep) & ~dropped.to(timesteps.device)
+    if not weight or not bool(taught.any()):
+        return loss
+    swapped = (torch.rand(latents.shape[0], generator=generator) < swap).to(taught.device)
+    other = torch.where(swapped[:, None, None], caption_embeddings.roll(1, 0),
+                        empty_embedding.to(caption_embeddings).expand_as(caption_embeddings))
+    pulled = unet(noisy_latents[taught], timesteps[taught], encoder_hidden_states=other[taught]).sample
+    target = model_pred[taught].detach()
+    pull = F.mse_loss(pulled.float(), target.float(), reduction="sum") / model_pred[0].numel()
+    return loss + weight * pull / latents.shape[0]

@@ -20,8 +20,9 @@ from sdhelpers.architectures import (
     TINYSD_VAE_CONFIG,
 )
 
-STAGES = ("vae", "clip", "unet")
-"""SD's recipe in order: the autoencoder, then the text encoder, then the UNet on frozen latents."""
+STAGES = ("vae", "clip", "unet", "refine")
+"""SD's recipe in order: the autoencoder, the text encoder, the UNet on frozen latents, and the
+UNet trained on (as SD 1.5 went on from SD 1.2); most recipes leave the last one out."""
 
 TINYSD_NOISE_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -68,11 +69,15 @@ class Recipe:
     vae: StageSettings
     clip: StageSettings
     unet: StageSettings
+    refine: StageSettings | None = None  # the UNet trained on with the extra-pass pull; None: no such stage
     vae_loss: dict[str, float] = dataclasses.field(default_factory=lambda: dict(TINYSD_VAE_LOSS))
     vae_initial_logvar: float | None = -6.0
     caption_dropout: float = 0.1
+    # The pull and the open captions act on the last UNet stage: the UNet stage itself
+    # (objectives.consistent_diffusion_loss), or the refine stage where there is one
+    # (objectives.extra_pass_consistency_loss, the UNet stage then keeping SD's plain loss).
     open_captions: float = 0.0  # share of UNet training captions with one attribute unsaid
-    branch_consistency: float = 0.0  # weight of objectives.consistent_diffusion_loss's pull (0: SD's loss)
+    branch_consistency: float = 0.0  # weight of the pull (0: SD's loss)
     consistency_below_timestep: int = 400  # the pull acts on timesteps below this one
     consistency_swaps: float = 0.0  # share of low-noise items shown another item's caption, and pulled
     eval_images: int = 256  # images per split for the end-of-stage VAE PSNR and CLIP accuracy
@@ -80,13 +85,20 @@ class Recipe:
         default_factory=lambda: dict(TINYSD_NOISE_SCHEDULER_CONFIG)
     )
 
-    def stage(self, name: str) -> StageSettings:
+    @property
+    def pull_stage(self) -> str:
+        """The stage that gets the open captions and the branch pull: the last UNet stage."""
+        return "unet" if self.refine is None else "refine"
+
+    def stage(self, name: str) -> StageSettings | None:
         return getattr(self, checks.choice(name, STAGES, "stage"))
 
     def with_stage(self, name: str, **changes: Any) -> "Recipe":
         """A copy with some of one stage's settings changed (``steps``, ``batch_size``...)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         current = self.stage(name)
+        if current is None:
+            raise ValueError(f"stage: the recipe has no {name!r} stage")
         steps = changes.get("steps")
         if isinstance(steps, int) and steps > 0 and "warmup_steps" not in changes:
             changes["warmup_steps"] = min(current.warmup_steps, steps // 10)  # a short run keeps a short warm-up
@@ -136,6 +148,30 @@ UNet about 0.6 s (batch 64) when the cores are free, plus about 2 minutes to enc
 cached latents. The model card records the seconds of the shipped run.
 """
 
+REFINE_RECIPE = dataclasses.replace(
+    TINYSD1_RECIPE,
+    refine=StageSettings(steps=1200, batch_size=64, learning_rate=2e-4, warmup_steps=50, weight_decay=0.01,
+                         ema_decay=0.999, dataset_size=20_000, checkpoint_every=200),
+    open_captions=0.25,
+    branch_consistency=3.0,
+    consistency_below_timestep=600,
+    consistency_swaps=0.5,
+)
+"""A measured lever, not the shipped model: the first recipe, then a refine stage.
+
+The refine stage trains the first TinySD's UNet on for 1,200 steps at a fifth of the learning
+rate, as SD 1.5 went on from SD 1.2 "to improve classifier-free guidance sampling": SD's loss on
+every item with the first recipe's 10% caption dropout, a quarter of the captions with an
+attribute unsaid, and an extra pass that pulls, below t = 600, the prediction with the empty
+prompt (or, for half the items, another item's caption) towards the prompted one
+(:func:`sdhelpers.objectives.extra_pass_consistency_loss`, weight 3).
+
+It keeps more of the first model's held-out compositions than TinySD 2 does, and loses open
+prompts, negative prompts and guidance 12 (the model card's notes, ``levers.json``, give the
+figures). ``python -m sdhelpers.train refine --preset refine`` runs it on a work folder that
+holds the first recipe's three stages.
+"""
+
 SMOKE_RECIPE = Recipe(
     vae_config={**TINYSD_VAE_CONFIG, "block_out_channels": (8, 8, 16, 16), "norm_num_groups": 4,
                 "mid_block_add_attention": False},
@@ -148,11 +184,16 @@ SMOKE_RECIPE = Recipe(
     clip=StageSettings(steps=4, batch_size=8, learning_rate=1e-3, checkpoint_every=2),
     unet=StageSettings(steps=4, batch_size=8, learning_rate=1e-3, ema_decay=0.9, dataset_size=32,
                        checkpoint_every=2),
+    refine=StageSettings(steps=2, batch_size=8, learning_rate=1e-4, ema_decay=0.9, dataset_size=32,
+                         checkpoint_every=2),
+    open_captions=0.25,
+    branch_consistency=3.0,
+    consistency_swaps=0.5,
     eval_images=8,
 )
-"""A recipe small enough to run the whole pipeline in seconds: for tests and a first try."""
+"""A recipe small enough to run the whole pipeline, all four stages, in seconds: for tests and a first try."""
 
-PRESETS = {"tinysd": TINYSD_RECIPE, "smoke": SMOKE_RECIPE}
+PRESETS = {"tinysd": TINYSD_RECIPE, "refine": REFINE_RECIPE, "smoke": SMOKE_RECIPE}
 
 
 def check_settings(settings: StageSettings, num_processes: int = 1) -> StageSettings:

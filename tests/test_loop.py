@@ -262,3 +262,34 @@ def test_consistent_loss_is_sd_loss_plus_a_pull_on_the_dropped_items(parts, cach
     assert swapped != plain  # every item shown the next one's caption, and pulled back
     assert torch.equal(consistent_diffusion_loss(unet, scheduler, latents, text, captions, none,
                                                  torch.Generator().manual_seed(5), 0.0, 1000, swap=1.0), plain)
+
+
+
+def test_extra_pass_loss_is_sd_loss_whole_plus_a_pull_of_the_other_branches(parts, cached):
+    from sdhelpers.objectives import extra_pass_consistency_loss, noised
+
+    *_, scheduler = parts
+    unet = _unet()
+    latents, text, captions, dropped = cached.sample(6, torch.Generator().manual_seed(4), 0.5, with_captions=True)
+    empty = cached.embeddings[cached.empty_id][None]
+    assert bool(dropped.any()) and not bool(dropped.all())
+    plain = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(5))
+    args = (unet, scheduler, latents, text, captions, empty, dropped)
+    assert torch.equal(extra_pass_consistency_loss(*args, torch.Generator().manual_seed(5), 0.0, 1000), plain)
+    assert torch.equal(extra_pass_consistency_loss(*args, torch.Generator().manual_seed(5), 1.0, 0), plain)
+    all_dropped = (*args[:-1], torch.ones_like(dropped))
+    assert torch.equal(extra_pass_consistency_loss(*all_dropped, torch.Generator().manual_seed(5), 1.0, 1000), plain)
+
+    def by_hand(other: torch.Tensor) -> torch.Tensor:
+        noisy, noise, timesteps = noised(scheduler, latents, torch.Generator().manual_seed(5))
+        pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        kept = ~dropped
+        second = unet(noisy[kept], timesteps[kept], encoder_hidden_states=other[kept]).sample
+        pull = (second - pred[kept]).pow(2).sum() / pred[0].numel() / len(latents)
+        return torch.nn.functional.mse_loss(pred, noise) + 2.0 * pull
+
+    with torch.no_grad():
+        pulled = extra_pass_consistency_loss(*args, torch.Generator().manual_seed(5), 2.0, 1000)
+        swapped = extra_pass_consistency_loss(*args, torch.Generator().manual_seed(5), 2.0, 1000, swap=1.0)
+        assert pulled > plain and torch.allclose(pulled, by_hand(empty.expand_as(captions)), rtol=1e-5)
+        assert torch.allclose(swapped, by_hand(captions.roll(1, 0)), rtol=1e-5)

@@ -140,7 +140,7 @@ def _fresh_parts():
     return build_vae(SMOKE.vae_config), train.build_clip(SMOKE).text_model
 
 
-@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "refine"])
 def test_resume_is_bitwise_exact(tmp_path, stage):
     """N steps straight == N/2, checkpoint, a fresh load (new objects, new generators), N/2 more."""
     recipe = SMOKE.with_stage(stage, steps=4, warmup_steps=1)
@@ -152,6 +152,10 @@ def test_resume_is_bitwise_exact(tmp_path, stage):
             return train.train_vae(work, recipe=recipe, dataset=data, progress=False, **kwargs)
         if stage == "clip":
             return train.train_clip(work, recipe=recipe, dataset=data, progress=False, **kwargs)
+        if stage == "refine":
+            unet = _unet_to_refine()
+            return train.train_refine(work, *_fresh_parts(), unet, recipe=recipe, dataset=data, progress=False,
+                                      **kwargs)
         return train.train_unet(work, *_fresh_parts(), recipe=recipe, dataset=data, progress=False, **kwargs)
 
     straight = run(tmp_path / "a")
@@ -160,8 +164,41 @@ def test_resume_is_bitwise_exact(tmp_path, stage):
     resumed = run(tmp_path / "b", resume=True)
     assert resumed.finished and resumed.curve == straight.curve
     assert _states_equal(straight.objective.state_dict(), resumed.objective.state_dict())
-    if stage == "unet":
+    if stage in ("unet", "refine"):
         assert all(torch.equal(a, b) for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params))
+
+
+def _unet_to_refine():
+    torch.manual_seed(7)
+    return build_unet(SMOKE.unet_config)
+
+
+def test_refine_trains_on_from_the_given_unet_with_the_pull(tmp_path, monkeypatch):
+    from sdhelpers import objectives, unet_stages
+
+    unet = _unet_to_refine()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    pulls = []
+    real = objectives.extra_pass_consistency_loss
+    monkeypatch.setattr(unet_stages, "extra_pass_consistency_loss", lambda *a, **k: pulls.append(a[8]) or real(*a, **k))
+    result = train.train_refine(tmp_path, *_fresh_parts(), unet, recipe=SMOKE, dataset=ShapesDataset(8, seed=3),
+                                progress=False)
+    assert result.finished and pulls == [SMOKE.branch_consistency] * SMOKE.refine.steps
+    assert _states_equal(unet.state_dict(), before)  # the UNet stage's model is left as it was
+    trained = result.objective.state_dict()
+    assert not _states_equal(trained, before) and set(trained) == set(before)
+    report = json.loads((tmp_path / "refine" / "report.json").read_text())
+    assert report["branch_consistency"] == 3.0 and report["consistency_swaps"] == 0.5
+    assert (tmp_path / "refine" / "final" / "config.json").is_file()
+
+
+def test_a_recipe_without_a_refine_stage_refuses_one(tmp_path):
+    from sdhelpers.recipe import TINYSD1_RECIPE
+
+    with pytest.raises(ValueError, match="no 'refine' stage"):
+        train.train_refine(tmp_path, *_fresh_parts(), _unet_to_refine(), recipe=TINYSD1_RECIPE, progress=False)
+    assert not (tmp_path / "refine").exists()
+    assert (TINYSD_RECIPE.pull_stage, SMOKE.pull_stage) == ("unet", "refine")  # TinySD 2 pulls in the UNet stage
 
 
 def test_corrupt_checkpoint_raises_and_is_left_alone(tmp_path):
@@ -257,14 +294,16 @@ def test_all_writes_a_pipeline_that_loads_offline_and_generates(tmp_path, monkey
     assert out == tmp_path / "tinysd"
     names = {p.name for p in out.iterdir()}
     assert {"model_index.json", "vae", "text_encoder", "tokenizer", "unet", "scheduler", "training.json",
-            "loss_vae.json", "loss_clip.json", "loss_unet.json"} <= names
+            "loss_vae.json", "loss_clip.json", "loss_unet.json", "loss_refine.json"} <= names
     assert (tmp_path / "tinysd.work" / "unet" / "checkpoint.safetensors").is_file()  # checkpoints stay outside
     training = json.loads((out / "training.json").read_text())
-    assert training["seed"] == 5 and set(training["stages"]) == {"vae", "clip", "unet"}
+    assert training["seed"] == 5 and set(training["stages"]) == set(STAGES)
     assert {"torch", "diffusers", "transformers"} <= set(training["versions"])
     assert all(training["stages"][s]["seconds"] >= 0 for s in STAGES)
 
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    refined = export.load_component(tmp_path / "tinysd.work", "refine").state_dict()
+    assert _states_equal(pipe.unet.state_dict(), refined)  # the pipeline ships the refine stage's UNet
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     assert isinstance(pipe.scheduler, PNDMScheduler)
     config = pipe.scheduler.config
@@ -278,6 +317,18 @@ def test_all_writes_a_pipeline_that_loads_offline_and_generates(tmp_path, monkey
     image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_stage_commands_write_the_pipeline_after_the_last_stage(tmp_path):
+    out, common = tmp_path / "tinysd", ["--preset", "smoke", "--no-progress"]
+    for stage in ("vae", "clip", "unet"):
+        assert train.main([stage, "--out", str(out), *common]) == tmp_path / "tinysd.work"
+    assert not out.exists()  # the smoke recipe has a refine stage still to run
+    assert train.main(["refine", "--out", str(out), *common]) == out
+    assert set(json.loads((out / "training.json").read_text())["stages"]) == set(STAGES)
+    (out / "levers.json").write_text('[{"name": "an earlier recipe"}]')
+    export.finish(out, tmp_path / "tinysd.work", seed=0, preset="smoke")  # a rebuild keeps the record
+    assert json.loads((out / "levers.json").read_text()) == [{"name": "an earlier recipe"}]
 
 
 def test_export_uses_fp16_only_when_needed_and_still_loads_fp32(tmp_path):
