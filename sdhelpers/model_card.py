@@ -61,42 +61,35 @@ def _caption_dropout(training: dict[str, Any]) -> float:
 
 
 def _unet_objective(training: dict[str, Any]) -> str:
-    """The UNet stage's additions to SD's loss, as its report records them (empty for SD's plain loss)."""
-    if training.get("stages", {}).get("refine"):
-        return _refine_objective(training)
-    report = training.get("stages", {}).get("unet", {})
+    """What the last UNet stage adds to SD's loss, as its report records it (empty for SD's plain loss).
+
+    That stage is the refine stage where the recipe has one (its pull is an extra pass), else the
+    UNet stage itself (its pull replaces SD's loss on the pulled items).
+    """
+    stages = training.get("stages", {})
+    refine = stages.get("refine")
+    report = refine or stages.get("unet", {})
     parts = []
+    if stages.get("unet", {}).get("latent_std", 1.0) != 1.0:
+        parts.append(f"the latents scaled to a standard deviation of {stages['unet']['latent_std']:g} instead of "
+                     "SD's 1, so that every timestep keeps more of the picture")
+    if refine:
+        parts.append(f"Then the refine stage trains that UNet on for {refine['steps']:,} steps (as SD 1.5 went on "
+                     "from SD 1.2 to improve classifier-free guidance), with SD's loss on every item")
     if report.get("open_captions"):
-        parts.append(f"{100 * report['open_captions']:.0f}% of the captions leave the colour, the shape or "
-                     "the background unsaid")
+        parts.append(f"{100 * report['open_captions']:.0f}% of {'its' if refine else 'the'} captions leave the "
+                     "colour, the shape or the background unsaid")
     if report.get("branch_consistency"):
+        swaps = report.get("consistency_swaps")
+        other = (f" or (for {100 * swaps:.0f}% of the {'' if refine else 'other '}items) with another item's "
+                 "caption") if swaps else ""
+        loss = "extra_pass_consistency_loss" if refine else "consistent_diffusion_loss"
         parts.append(
-            f"below timestep {report.get('consistency_below_timestep', 400)}, where the noised latent already "
-            "fixes the picture, the prediction with the empty prompt"
-            + (f" or (for {100 * report['consistency_swaps']:.0f}% of the other items) with another item's caption"
-               if report.get("consistency_swaps") else "")
-            + f" is pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
-            "(`sdhelpers.objectives.consistent_diffusion_loss`)")
+            f"{'and an extra pass: ' if refine else ''}below timestep {report.get('consistency_below_timestep', 400)}"
+            f", where the noised latent already fixes the picture, the prediction with the empty prompt{other} is "
+            f"pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
+            f"(`sdhelpers.objectives.{loss}`)")
     return "; ".join(parts) + (". " if parts else "")
-
-
-def _refine_objective(training: dict[str, Any]) -> str:
-    """What the refine stage adds to SD's loss, as its report records it."""
-    report = training["stages"]["refine"]
-    parts = [f"Then the refine stage trains that UNet on for {report['steps']:,} steps (as SD 1.5 went on "
-             "from SD 1.2 to improve classifier-free guidance), with SD's loss on every item"]
-    if report.get("open_captions"):
-        parts.append(f"{100 * report['open_captions']:.0f}% of its captions leave the colour, the shape or "
-                     "the background unsaid")
-    if report.get("branch_consistency"):
-        parts.append(
-            f"and an extra pass: below timestep {report['consistency_below_timestep']}, where the noised latent "
-            "already fixes the picture, the prediction with the empty prompt"
-            + (f" (or, for {100 * report['consistency_swaps']:.0f}% of the items, with another item's caption)"
-               if report.get("consistency_swaps") else "")
-            + f" is pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
-            "(`sdhelpers.objectives.extra_pass_consistency_loss`)")
-    return "; ".join(parts) + ". "
 
 
 def _percent(score: dict[str, float], keys=("colour", "shape", "background", "both")) -> str:
@@ -153,18 +146,26 @@ def _levers_section(levers: list[dict[str, Any]]) -> str:
     if not levers:
         return ""
     rows = ["| variant | UNet steps | gap at t = 200 | colour / shape / both at 7.5 | held-out both at 7.5 | "
-            "both at guidance 2 / 12 | stated right under the negative |", "|---|---|---|---|---|---|---|"]
+            "held-out both at guidance 1 / at 7.5 only for t ≥ 600 | both at guidance 2 / 12 | "
+            "colours of an open prompt / stated right under the negative |", "|---|---|---|---|---|---|---|---|"]
     for lever in levers:
         train, held = lever["train_7.5"], lever["held_out_7.5"]
         rows.append(f"| {lever['name']} | {lever['unet_steps']} | {lever['gap_200']:.3f} | "
                     f"{_percent(train, ('colour', 'shape', 'both')).replace(' | ', ' / ')} (n = {train['n']}) | "
-                    f"{100 * held['both']:.1f}% (n = {held['n']}) | {_sweep_ends(lever)} | "
-                    f"{_share(lever.get('negative_stated_right'))} |")
+                    f"{100 * held['both']:.1f}% (n = {held['n']}) | {_prompted_alone(lever)} | {_sweep_ends(lever)} | "
+                    f"{lever.get('open_colours', '—')} / {_share(lever.get('negative_stated_right'))} |")
     return "\n## How the recipe was chosen\n\n" + levers[0].get("how", "") + "\n\n" + "\n".join(rows) + "\n"
 
 
 def _share(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def _prompted_alone(lever: dict[str, Any]) -> str:
+    """Held-out adherence where the empty branch does not act at low noise: guidance 1, and guidance
+    only while t ≥ 600 (``sdhelpers.guidance.interval_guidance``); "—" where not measured."""
+    interval = lever.get("interval_600", {}).get("held_out_7.5", {})
+    return " / ".join(_share(part.get("both")) for part in (lever.get("held_out_1", {}), interval))
 
 
 def _sweep_ends(lever: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdhelpers import checks
 from sdhelpers.architectures import build_unet
 from sdhelpers.export import FINAL_FOLDER, save_component
 from sdhelpers.latents import LatentCache, cached_posteriors, compute_scaling_factor, fingerprint
@@ -40,10 +41,12 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
 
     SD's loss with the recipe's caption dropout; in a recipe without a refine stage, plus the open
     captions and the pull of :func:`~sdhelpers.objectives.consistent_diffusion_loss` (TinySD 2).
-    Sets ``vae.config.scaling_factor`` to 1/std of the cached latents (SD's 0.18215 recipe). The
+    Sets ``vae.config.scaling_factor`` to ``recipe.latent_std``/std of the cached latents (SD's
+    0.18215 recipe when ``latent_std`` is 1). The
     dataset is the recipe's ``unet.dataset_size`` shapes-world items unless one is given.
     """
     stage = prepare_stage("unet", work, recipe, seed, steps, batch_size)
+    checks.positive_number(recipe.latent_std, "latent_std", example="1.0")
     if recipe.unet_config["cross_attention_dim"] != text_encoder.config.hidden_size:
         raise ValueError(
             f"recipe: the UNet's cross_attention_dim ({recipe.unet_config['cross_attention_dim']}) must equal the "
@@ -52,7 +55,8 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
     cache, noise_scheduler, vae = _latent_cache(stage, vae, text_encoder, dataset, progress, measure_scaling=True)
     seed_init(stage)
     pull = _pull_settings(recipe) if recipe.pull_stage == "unet" else {}
-    extra = {"caption_dropout": recipe.caption_dropout, "noise_scheduler": recipe.noise_scheduler_config,
+    extra = {"caption_dropout": recipe.caption_dropout, "latent_std": recipe.latent_std,
+             "noise_scheduler": recipe.noise_scheduler_config,
              **pull, "vae": fingerprint(vae), "text_encoder": fingerprint(text_encoder)}
     result = run_stage(stage, build_unet(recipe.unet_config), _unet_batch_loss(stage, cache, noise_scheduler),
                        stage_info(stage, recipe.unet_config, extra, dataset), resume=resume, stop_at=stop_at,
@@ -60,7 +64,8 @@ def train_unet(work, vae: nn.Module, text_encoder: nn.Module, *, recipe: Recipe 
     if result.finished and stage.accelerator.is_main_process:
         save_component(result.model, stage.folder / FINAL_FOLDER)
         save_component(vae, stage.folder / "vae")  # the VAE with its measured scaling_factor
-        write_report(stage, result, scaling_factor=round(cache.scaling_factor, 6), latent_dataset_size=len(cache),
+        write_report(stage, result, scaling_factor=round(cache.scaling_factor, 6), latent_std=recipe.latent_std,
+                     latent_dataset_size=len(cache),
                      distinct_captions=cache.empty_id, caption_dropout=recipe.caption_dropout, **pull)
     return result
 
@@ -108,7 +113,7 @@ def _latent_cache(stage: Stage, vae: nn.Module, text_encoder: nn.Module, dataset
     mean, std, captions = _posteriors(stage, vae, stage_dataset(stage, dataset), progress)
     if measure_scaling:
         sampled = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(stage.seed))
-        vae.register_to_config(scaling_factor=compute_scaling_factor(sampled))
+        vae.register_to_config(scaling_factor=stage.recipe.latent_std * compute_scaling_factor(sampled))
     cache = LatentCache.from_posteriors(mean, std, captions, text_encoder, load_tokenizer(),
                                         vae.config.scaling_factor)
     return cache, DDPMScheduler(**stage.recipe.noise_scheduler_config), vae

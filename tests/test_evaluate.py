@@ -247,14 +247,18 @@ def test_model_card_shows_the_guidance_sweep_the_branch_gap_and_negatives_when_m
              "train_7.5": {"colour": 0.7, "shape": 0.5, "both": 0.4, "n": 60}, "held_out_7.5": {"both": 0.3, "n": 30}}
     noted = render_model_card(training, quality, [lever])
     assert "## How the recipe was chosen\n\nUNet-only runs." in noted
-    assert "| dropout 0.3 | 800 | 0.064 | 70.0% / 50.0% / 40.0% (n = 60) | 30.0% (n = 30) | — / — | — |" in noted
-    measured = {**lever, "guidance_2": {"both": 0.88}, "guidance_12": {"both": 0.8}, "negative_stated_right": 0.5}
-    assert "| 30.0% (n = 30) | 88% / 80% | 50% |" in render_model_card(training, quality, [measured])
+    assert "| dropout 0.3 | 800 | 0.064 | 70.0% / 50.0% / 40.0% (n = 60) | 30.0% (n = 30) | — / — | — / — | — / — |" in noted
+    measured = {**lever, "guidance_2": {"both": 0.88}, "guidance_12": {"both": 0.8}, "negative_stated_right": 0.5,
+                "open_colours": 5, "held_out_1": {"both": 0.8}, "interval_600": {"held_out_7.5": {"both": 0.95}}}
+    assert "| 30.0% (n = 30) | 80% / 95% | 88% / 80% | 5 / 50% |" in render_model_card(training, quality, [measured])
     refine = {"steps": 1200, "batch_size": 64, "seconds": 1.0, "open_captions": 0.25, "branch_consistency": 3.0,
               "consistency_below_timestep": 600, "consistency_swaps": 0.5, "settings": {"learning_rate": 2e-4}}
     refined = render_model_card({**training, "stages": {**training["stages"], "refine": refine}}, quality)
     assert "the refine stage trains that UNet on for 1,200 steps" in refined
-    assert "for 50% of the items, with another item's caption" in refined and "extra_pass_consistency" in refined
+    assert "for 50% of the items) with another item's caption" in refined and "extra_pass_consistency" in refined
+    assert "standard deviation" not in refined
+    wider = {**training, "stages": {**training["stages"], "unet": {**training["stages"]["unet"], "latent_std": 2.0}}}
+    assert "scaled to a standard deviation of 2 instead of SD's 1" in render_model_card(wider, quality)
     assert "| PNDM, 25 steps, guidance 7.5 | 100.0% | 50.0% | 100.0% | 50.0% |" in card
     assert "| PNDM, 50 steps, guidance 7.5 |" in card and "| dpm++, 25 steps, guidance 7.5 |" in card
     assert "| 200 | 0.0200 | 0.0210 | 0.030 |" in card

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -95,6 +96,20 @@ def test_unet_stage_sets_scaling_factor_from_the_data(tmp_path, frozen_parts):
     sampled = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
     assert vae.config.scaling_factor == pytest.approx(1 / float(sampled.std()), rel=1e-4)
     assert vae.config.scaling_factor != 1.0
+    wider = copy.deepcopy(vae)  # the same weights, so the same latents
+    recipe = dataclasses.replace(SMOKE, latent_std=2.0).with_stage("unet", steps=1)
+    train.train_unet(tmp_path / "wider", wider, text_encoder, recipe=recipe, dataset=data, progress=False)
+    assert wider.config.scaling_factor == pytest.approx(2 * vae.config.scaling_factor, rel=1e-4)
+    assert json.loads((tmp_path / "wider" / "unet" / "report.json").read_text())["latent_std"] == 2.0
+
+
+@pytest.mark.parametrize("latent_std", [0, -1.0, float("nan"), "2"])
+def test_unet_refuses_a_latent_std_that_is_not_positive(tmp_path, frozen_parts, latent_std):
+    vae, text_encoder = frozen_parts
+    recipe = dataclasses.replace(SMOKE, latent_std=latent_std)
+    with pytest.raises(ValueError, match="latent_std"):
+        train.train_unet(tmp_path, vae, text_encoder, recipe=recipe, progress=False)
+    assert not (tmp_path / "unet").exists()
 
 
 # --------------------------------------------------------------------------- checkpoints
