@@ -72,6 +72,7 @@ def load_scaled_vae(work: str | os.PathLike):
 
 
 def folder_megabytes(folder: Path) -> float:
+    """Size of every file under ``folder`` in MB (10^6 bytes): what the model's 25 MB cap counts."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 

@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from sdhelpers.export import folder_megabytes
 from sdhelpers.models import TINYSD_DIR
 
 pytestmark = pytest.mark.skipif(not (TINYSD_DIR / "model_index.json").is_file(), reason="TinySD is not shipped")
 
 
-def _folder_megabytes() -> float:
-    return sum(p.stat().st_size for p in TINYSD_DIR.rglob("*") if p.is_file()) / 1e6
-
-
 def test_tinysd_fits_the_25_megabyte_cap():
-    assert _folder_megabytes() <= 25.0
+    assert folder_megabytes(TINYSD_DIR) <= 25.0
 
 
 @pytest.mark.parametrize("task", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
