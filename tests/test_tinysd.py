@@ -66,3 +66,10 @@ def test_readme_model_card_and_quality_file_quote_one_table():
     table = quality_table(training, quality)
     assert table in (TINYSD_DIR / "README.md").read_text()
     assert table in (TINYSD_DIR.parents[1] / "README.md").read_text()
+
+
+def test_levers_start_with_the_first_tinysd_and_end_with_the_shipped_one():
+    """Chapter 5 reads the first row as the first TinySD and the last as the shipped model."""
+    levers = json.loads((TINYSD_DIR / "levers.json").read_text())
+    assert levers[0]["name"].startswith("the first TinySD") and levers[-1]["name"].startswith("TinySD 2 (shipped)")
+    assert {"train_7.5", "held_out_7.5"} <= set(levers[-1]["interval_600"])
