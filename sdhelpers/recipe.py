@@ -172,8 +172,9 @@ prompt (or, for half the items, another item's caption) towards the prompted one
 It keeps more of the first model's held-out compositions than TinySD 2 does (70% against 43% on
 the same 30 prompts at guidance 7.5), but the prompted branch alone no longer follows them (7%
 at guidance 1, against the first model's 80%), and under a negative prompt the shape takes the
-background's colour (the model card's notes, ``levers.json``, give the figures). ``python -m sdhelpers.train refine --preset refine`` runs it on a work folder that
-holds the first recipe's three stages.
+background's colour (the model card's notes, ``levers.json``, give the figures).
+``python -m sdhelpers.train refine --preset refine`` runs it on a work folder that holds the
+first recipe's three stages.
 """
 
 SMOKE_RECIPE = Recipe(
