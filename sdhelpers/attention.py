@@ -148,6 +148,38 @@ def map_mask_correlation(token_map: torch.Tensor, mask) -> float:
     return float((a @ b) / denominator)
 
 
+def heat_image(token_map: torch.Tensor):
+    """One attention map as a picture, from its lowest (black) to its highest value (yellow).
+
+    Each map is stretched to its own range: the figures compare *where* tokens look, not how much.
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    if not isinstance(token_map, torch.Tensor) or token_map.ndim != 2:
+        raise ValueError("token_map: expected one 2-D (h, w) tensor, e.g. store.token_maps(hw)[position]")
+    m = token_map.detach().float().cpu().numpy()
+    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+    return Image.fromarray((colormaps["inferno"](m)[..., :3] * 255).astype(np.uint8))
+
+
+def token_labels(tokenizer, prompt: str) -> list[str]:
+    """The prompt's tokens after ``<|startoftext|>``, as a reader would write them (``<end>`` last)."""
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)[1:]
+    return [t.removesuffix("</w>").replace("<|endoftext|>", "<end>") for t in tokens]
+
+
+def token_figure(tokenizer, image, token_maps: torch.Tensor, prompt: str, cols: int = 5):
+    """The image, then one labelled heat map per token of ``prompt`` (its words and the end token)."""
+    from sdhelpers.images import labelled_grid
+
+    labels = token_labels(tokenizer, prompt)
+    tiles = [image] + [heat_image(token_maps[p]) for p in range(1, len(labels) + 1)]
+    h, w = token_maps.shape[-2:]
+    title = f"Figure: where each token of “{prompt}” is looked at ({h}×{w} maps)"
+    return labelled_grid(tiles, cols=cols, labels=["image"] + labels, title=title)
+
+
 @dataclass
 class BlockTrace:
     """One stage of a UNet forward pass: its output shape and the skip connections it adds or uses.

@@ -124,3 +124,30 @@ def test_trace_unet_on_the_meta_device():
     traces = trace_unet(unet, torch.empty(1, 4, 64, 64, **meta), torch.tensor(1, **meta), torch.empty(1, 77, 768, **meta))
     assert [t.output[-1] for t in traces if t.name.startswith("down")] == [32, 16, 8, 8]
     assert sum(len(t.skips_out) for t in traces) == sum(len(t.skips_in) for t in traces) == 12
+
+
+def test_heat_image_runs_from_black_to_yellow():
+    from sdhelpers.attention import heat_image
+
+    ramp = torch.arange(64.0).reshape(8, 8)
+    pixels = np.asarray(heat_image(ramp))
+    assert pixels.shape == (8, 8, 3)
+    assert pixels[0, 0].sum() < 30 and pixels[-1, -1].sum() > 500  # lowest black, highest pale yellow
+    flat = np.asarray(heat_image(torch.ones(8, 8))).reshape(-1, 3)
+    assert len(np.unique(flat, axis=0)) == 1  # a flat map is one colour, not an error
+    with pytest.raises(ValueError, match="^token_map"):
+        heat_image(torch.zeros(77, 8, 8))
+
+
+def test_token_figure_has_one_tile_per_token(pipe):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from sdhelpers.attention import token_figure, token_labels
+
+    prompt = "a red circle"
+    assert token_labels(pipe.tokenizer, prompt) == ["a", "red", "circle", "<end>"]
+    figure = token_figure(pipe.tokenizer, Image.new("RGB", (64, 64)), torch.rand(77, 8, 8), prompt)
+    assert len(figure.axes) == 5  # the image, then a, red, circle, <end>
+    assert "a red circle" in figure._suptitle.get_text()
+    plt.close(figure)
