@@ -8,16 +8,18 @@ Running models:
 - ``sdhelpers.libraries``: library versions, and silencing their chatter.
 - ``sdhelpers.checks``: the argument checks every public function runs once, at its entrance.
 - ``sdhelpers.models``: the model registry, the offline CLIP tokenizer, ``load_pipeline``.
-- ``sdhelpers.architectures``: SD 1.5, SD 2.1, SDXL and TinySD from their configs, built on the meta device.
-- ``sdhelpers.gpu``: speed and memory presets, OOM advice.
-- ``sdhelpers.bench`` and ``sdhelpers.bench_report``: the benchmark harness (``python -m sdhelpers.bench``)
-  and its stored runs.
+- ``sdhelpers.architectures``: SD 1.5, SD 2.1, SDXL and TinySD built from their configs (``sdhelpers.configs``),
+  on the meta device.
+- ``sdhelpers.gpu``: speed and memory presets (checked by ``sdhelpers.preset_checks``), OOM advice
+  (``sdhelpers.gpu_memory``).
+- ``sdhelpers.bench``, ``bench_measure`` and ``bench_report``: the benchmark harness (``python -m sdhelpers.bench``),
+  how one preset is measured, and the stored runs.
 
 Pictures and prompts:
 
 - ``sdhelpers.images``: grids with labels, enlargements, differences, PSNR; ``sdhelpers.masks``: inpainting masks.
 - ``sdhelpers.pixels``, ``latent_views``, ``sketches``: conversions, latent viewers and sketches, re-exported by ``sdhelpers.images``.
-- ``sdhelpers.data``: the synthetic shapes world TinySD is trained on.
+- ``sdhelpers.data``: the synthetic shapes world TinySD is trained on (drawn by ``sdhelpers.drawing``).
 - ``sdhelpers.judge``: a pixel-level judge of prompt adherence.
 - ``sdhelpers.evaluate``: the networks' metrics and grading a pipeline (``python -m sdhelpers.evaluate``).
 - ``sdhelpers.targets``: the quality bar TinySD is held to, read from what was measured.

@@ -32,17 +32,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import Dataset
 
 from sdhelpers import checks
+from sdhelpers.drawing import SUPERSAMPLE, draw_shape
 from sdhelpers.images import pil_to_tensor
 
 IMAGE_SIZE = 64
 """Side of every image, in pixels."""
-
-SUPERSAMPLE = 4
-"""Shapes are drawn at 4× and box-averaged down: each pixel gets its exact coverage, edges are smooth."""
 
 MIN_SIZE = 22.0
 MAX_SIZE = 44.0
@@ -80,12 +78,6 @@ new concepts of the fine-tuning chapter (:mod:`sdhelpers.concepts`). A five-poin
 and a cross (a plus sign) whose arms are a third of its width."""
 
 ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
-
-STAR_INNER_RATIO = 0.381966
-"""Inner over outer radius of a regular five-pointed star (a pentagram's outline): 1/φ²."""
-
-CROSS_ARM = 1 / 3
-"""Width of a cross's arms over the cross's width."""
 
 HELD_OUT: tuple[tuple[str, str], ...] = (
     ("orange", "circle"),
@@ -293,65 +285,11 @@ def sample_geometry(rng: np.random.Generator, min_size: float = MIN_SIZE) -> tup
 
 
 def render(scene: Scene) -> Image.Image:
-    """Draw a scene as a 64×64 RGB image.
-
-    The shape is drawn at 4× on whole pixels, then box-averaged down (``Image.reduce``): every
-    pixel gets the exact fraction of it the shape covers. That gives smooth, halo-free edges (a
-    Lanczos filter would ring), which is easier on the VAE and keeps colours pure for the judge.
-    """
+    """Draw a scene as a 64×64 RGB image, anti-aliased by exact coverage (:mod:`sdhelpers.drawing`)."""
     if not isinstance(scene, Scene):
         raise TypeError(f"scene: expected a Scene, got {type(scene).__name__}")
-    k = SUPERSAMPLE
-    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), BACKGROUNDS[scene.background])
-    draw = ImageDraw.Draw(big)
-    side = round(scene.size * k)
-    left = round((scene.centre[0] - scene.size / 2) * k)
-    top = round((scene.centre[1] - scene.size / 2) * k)
-    right, bottom = left + side - 1, top + side - 1  # Pillow boxes include their last pixel
-    fill = COLOURS[scene.colour]
-    if scene.shape == "square":
-        draw.rectangle((left, top, right, bottom), fill=fill)
-    elif scene.shape == "circle":
-        draw.ellipse((left, top, right, bottom), fill=fill)
-    elif scene.shape in NEW_SHAPES:
-        draw.polygon(new_shape_outline(scene.shape, ((left + right + 1) / 2, (top + bottom + 1) / 2), side),
-                     fill=fill)
-    else:  # triangle: apex up, base at the bottom; a flat tip of ≤ 1 sub-pixel keeps it symmetric
-        apex_l, apex_r = left + (side - 1) // 2, left + side // 2
-        draw.polygon([(apex_l, top), (apex_r, top), (right, bottom), (left, bottom)], fill=fill)
-    return big.reduce(k)
-
-
-def new_shape_outline(shape: str, box_centre: tuple[float, float], side: float) -> list[tuple[float, float]]:
-    """The corners of a :data:`NEW_SHAPES` shape that fills a ``side``×``side`` box's width.
-
-    A cross fills the box. A star is 2R·sin 72° ≈ 1.902 R wide and R(1 + cos 36°) ≈ 1.809 R
-    tall for an outer radius R, so it is centred in the box vertically too; its own centre (the
-    centre of its circle) sits R below its top.
-    """
-    if shape == "cross":
-        return cross_corners(box_centre, side / 2)
-    radius = side / (2 * np.sin(np.radians(72)))
-    height = radius * (1 + np.cos(np.radians(36)))
-    return star_corners((box_centre[0], box_centre[1] - height / 2 + radius), radius)
-
-
-def star_corners(centre: tuple[float, float], radius: float) -> list[tuple[float, float]]:
-    """The ten corners of a star of outer ``radius`` around ``centre``: outer, inner, outer, …"""
-    angles = np.radians(-90 + 36 * np.arange(10))
-    radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
-    return [(centre[0] + r * np.cos(a), centre[1] + r * np.sin(a)) for r, a in zip(radii, angles)]
-
-
-def cross_corners(centre: tuple[float, float], radius: float) -> list[tuple[float, float]]:
-    """The twelve corners of a cross reaching ``radius`` from ``centre``, arms :data:`CROSS_ARM` wide."""
-    r, a = radius, radius * CROSS_ARM
-    corners = [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
-    return [(centre[0] + x, centre[1] + y) for x, y in corners]
-
-
-NEW_SHAPE_CORNERS = {"star": star_corners, "cross": cross_corners}
-"""Each new shape's corners from its centre and radius (the judge fits them by their moments)."""
+    return draw_shape(scene.shape, COLOURS[scene.colour], BACKGROUNDS[scene.background], scene.centre, scene.size,
+                      IMAGE_SIZE)
 
 
 def make_image(seed: int, split: str = "train") -> Image.Image:

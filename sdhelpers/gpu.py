@@ -16,7 +16,8 @@ Presets don't stack: applying one first undoes the previous one. :func:`restore_
 everything and puts the pipeline back where it was before the first preset (device, dtype and
 attention processors included), and ``with preset(pipe, name): ...`` does it for a block. A preset
 that can't work here (offload without an accelerator, fp16 or ``torch.compile`` on the CPU) is
-refused by a one-line :class:`PresetError` *before* the pipeline is touched.
+refused by a one-line :class:`PresetError` *before* the pipeline is touched
+(:mod:`sdhelpers.preset_checks`); out-of-memory advice is in :mod:`sdhelpers.gpu_memory`.
 
 Why ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``: it is the recipe of diffusers'
 own Stable Diffusion benchmarks (with a channels_last UNet). The "reduce-overhead" mode replays the
@@ -34,33 +35,28 @@ from typing import Iterator
 
 import torch
 
-from sdhelpers.device import get_device, get_dtype
+from sdhelpers.gpu_memory import explain_oom, free_memory, oom_advice
 from sdhelpers.libraries import quiet_libraries
+from sdhelpers.preset_checks import (
+    COMPILE_MODE,
+    COMPILE_MODES,
+    DTYPES,
+    NEXT_PRESET,
+    PRESET_DESCRIPTIONS,
+    PRESETS,
+    PresetError,
+    check_preset,
+    compile_mode,
+    dtype_name,
+)
 
-PRESETS = ("default", "fast", "low-memory", "lowest-memory")
-PRESET_DESCRIPTIONS = {
-    "default": "diffusers out of the box: the device and dtype, SDPA attention",
-    "fast": "fp16/bf16, SDPA, channels_last, fused QKV, torch.compile of the UNet",
-    "low-memory": "model CPU offload (one model on the GPU at a time), VAE slicing and tiling",
-    "lowest-memory": "sequential CPU offload (one layer on the GPU at a time), VAE slicing",
-}
-COMPILE_MODE = "reduce-overhead"
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# What to try after running out of memory under each preset; None: no lighter preset is left.
-NEXT_PRESET = {"default": "low-memory", "fast": "low-memory", "low-memory": "lowest-memory", "lowest-memory": None}
+__all__ = [
+    "COMPILE_MODE", "COMPILE_MODES", "DTYPES", "NEXT_PRESET", "PRESET_DESCRIPTIONS", "PRESETS", "PresetError",
+    "PresetReport", "apply_checked_preset", "apply_preset", "check_preset", "compile_mode", "explain_oom",
+    "free_memory", "oom_advice", "preset", "restore_default",
+]
+
 _STATE_ATTR = "_sdhelpers_default_state"
-
-
-class PresetError(ValueError):
-    """A preset can't be applied here; the one-line message names the argument and why.
-
-    ``reasons`` holds each reason alone (without the "preset ... can't apply" prefix), for tables.
-    """
-
-    def __init__(self, message: str, reasons: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.reasons = reasons if reasons is not None else [message]
 
 
 @dataclass
@@ -84,80 +80,6 @@ class _DefaultState:
     dtype: torch.dtype
     unet_processors: dict
     vae_processors: dict
-
-
-# --- checking: everything that can refuse happens before the pipeline is touched -------------------
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _can_offload(device: torch.device) -> bool:
-    """CPU offload moves weights from the CPU to an accelerator at each forward: it needs one."""
-    return device.type in ("cuda", "mps")
-
-
-def _can_compile(device: torch.device) -> bool:
-    """torch.compile is offered on CUDA only: on the CPU Inductor builds C++ for minutes and gains
-    little for a UNet already running oneDNN kernels, and on MPS it is still experimental."""
-    return device.type == "cuda"
-
-
-def _dtype_problem(dtype: torch.dtype, device: torch.device) -> str | None:
-    if dtype == torch.float16 and device.type == "cpu":
-        return (f"dtype: float16 is refused on {device.type} (its fp16 kernels are slow or missing); "
-                "use torch.bfloat16 or torch.float32")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return f"dtype: bfloat16 is not supported by this GPU ({torch.cuda.get_device_name(device)}); use torch.float16"
-    return None
-
-
-def compile_mode(compile: bool | str) -> str | None:
-    if isinstance(compile, bool):
-        return COMPILE_MODE if compile else None
-    if isinstance(compile, str) and compile in COMPILE_MODES:
-        return compile
-    raise PresetError(f"compile: {compile!r} is not allowed; use True, False or a mode: {', '.join(COMPILE_MODES)}")
-
-
-def check_preset(
-    name: str,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    compile: bool | str = True,
-) -> tuple[torch.device, torch.dtype, str | None]:
-    """Check that preset ``name`` can run here, without a pipeline: ``(device, dtype, compile mode)``.
-
-    ``dtype=None`` means the preset's own choice: fp16 for ``"fast"``, else the device's
-    (:func:`sdhelpers.device.get_dtype`: fp16 on a GPU, fp32 on the CPU). ``compile`` only matters
-    for ``"fast"``. Every reason to refuse is gathered into one line of :class:`PresetError`.
-    """
-    if name not in PRESETS:
-        raise PresetError(f"name: {name!r} is not a preset; allowed: {', '.join(PRESETS)}")
-    try:
-        dev = get_device(device)
-    except ValueError as exc:
-        raise PresetError(str(exc)) from None
-    if dtype is not None and dtype not in DTYPES:
-        allowed = ", ".join(f"torch.{_dtype_name(d)}" for d in DTYPES)
-        raise PresetError(f"dtype: {dtype!r} is not allowed; use {allowed} or None")
-    if dtype is None:
-        dtype = torch.float16 if name == "fast" else get_dtype(dev)
-    mode = compile_mode(compile) if name == "fast" else None
-
-    problems = []
-    if name in ("low-memory", "lowest-memory") and not _can_offload(dev):
-        problems.append(f"device: {name!r} offloads weights from the CPU to an accelerator and {dev.type} is not one "
-                        "(use a CUDA or MPS device)")
-    dtype_problem = _dtype_problem(dtype, dev)
-    if dtype_problem:
-        problems.append(dtype_problem)
-    if mode is not None and not _can_compile(dev):
-        problems.append(f"compile: torch.compile is only applied on CUDA, not on {dev.type}; pass compile=False")
-    if problems:
-        raise PresetError(f"preset {name!r} can't apply on {dev}: " + "; ".join(problems), problems)
-    return dev, dtype, mode
 
 
 # --- applying and undoing ---------------------------------------------------------------------------
@@ -218,12 +140,12 @@ def apply_checked_preset(pipe, name: str, dev: torch.device, dtype: torch.dtype,
     if getattr(pipe, _STATE_ATTR, None) is not None:
         restore_default(pipe, keep_state=True)
     _save_default_state(pipe)
-    report = PresetReport(name=name, device=str(dev), dtype=_dtype_name(dtype))
+    report = PresetReport(name=name, device=str(dev), dtype=dtype_name(dtype))
     changes = report.changes
     with quiet_libraries():
         if name in ("default", "fast"):
             pipe.to(dev, dtype)
-            changes += [f"device {dev}", f"dtype {_dtype_name(dtype)}", _set_sdpa(pipe)]
+            changes += [f"device {dev}", f"dtype {dtype_name(dtype)}", _set_sdpa(pipe)]
         if name == "fast":
             # Fuse before changing the memory format and before compiling: fusion makes new Linear layers.
             fused = _fuse_qkv(pipe)
@@ -238,7 +160,7 @@ def apply_checked_preset(pipe, name: str, dev: torch.device, dtype: torch.dtype,
         if name in ("low-memory", "lowest-memory"):
             # The weights stay on the CPU in the chosen dtype; accelerate's hooks move them to `dev`.
             pipe.to("cpu", dtype, silence_dtype_warnings=True)
-            changes += [f"dtype {_dtype_name(dtype)}", _set_sdpa(pipe)]
+            changes += [f"dtype {dtype_name(dtype)}", _set_sdpa(pipe)]
             # diffusers 0.42 removed pipe.enable_vae_slicing()/enable_vae_tiling(): the switches live
             # on the VAE itself (AutoencoderMixin.enable_slicing / enable_tiling).
             pipe.vae.enable_slicing()
@@ -318,7 +240,7 @@ def restore_default(pipe, *, keep_state: bool = False) -> list[str]:
             undone.append("VAE slicing and tiling off")
         if state is not None:
             pipe.to(state.device, state.dtype)
-            undone.append(f"back on {state.device} in {_dtype_name(state.dtype)}")
+            undone.append(f"back on {state.device} in {dtype_name(state.dtype)}")
     if state is not None and not keep_state:
         object.__delattr__(pipe, _STATE_ATTR)
     return undone
@@ -339,47 +261,3 @@ def preset(
         yield report
     finally:
         restore_default(pipe)
-
-
-# --- memory -----------------------------------------------------------------------------------------
-
-def free_memory() -> int:
-    """Collect garbage and return cached GPU memory to the driver; returns the CUDA bytes freed.
-
-    Deleting a pipeline frees its tensors for PyTorch's caching allocator, not for other programs
-    (or ``nvidia-smi``): ``torch.cuda.empty_cache`` hands the unused cached blocks back.
-    """
-    from diffusers.training_utils import free_memory as free_accelerator_memory
-
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    before = torch.cuda.memory_reserved() if cuda else 0
-    free_accelerator_memory()  # gc.collect(), then empty the cache of whichever accelerator is there
-    return max(before - torch.cuda.memory_reserved(), 0) if cuda else 0
-
-
-def oom_advice(preset_name: str) -> str:
-    """What to try after running out of memory under ``preset_name``: the next lighter preset, then smaller work."""
-    if preset_name not in PRESETS:
-        raise PresetError(f"preset_name: {preset_name!r} is not a preset; allowed: {', '.join(PRESETS)}")
-    nxt = NEXT_PRESET[preset_name]
-    if nxt is not None:
-        return (f"Out of memory under preset {preset_name!r}: try preset {nxt!r} "
-                f"({PRESET_DESCRIPTIONS[nxt]}); call sdhelpers.gpu.free_memory() first, "
-                "and restart the kernel if another pipeline still holds the GPU.")
-    return (f"Out of memory even under preset {preset_name!r}, the lightest one: make the work smaller: "
-            "a smaller height/width (activation memory grows with the pixel count), a batch of 1 "
-            "(num_images_per_prompt=1), or close the other programs using the GPU.")
-
-
-@contextmanager
-def explain_oom(preset_name: str) -> Iterator[None]:
-    """Re-raise ``torch.OutOfMemoryError`` raised inside the block with :func:`oom_advice` appended.
-
-    The exception keeps its type (so ``except torch.OutOfMemoryError`` still works) and chains the
-    original as its cause. The preset name is checked on entry, not when memory runs out.
-    """
-    advice = oom_advice(preset_name)
-    try:
-        yield
-    except torch.OutOfMemoryError as exc:
-        raise type(exc)(f"{exc}\n{advice}") from exc

@@ -33,7 +33,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdhelpers import checks
-from sdhelpers.data import ALL_SHAPES, BACKGROUNDS, COLOURS, NEW_SHAPE_CORNERS, SHAPES, Scene, caption, parse_caption
+from sdhelpers.data import ALL_SHAPES, BACKGROUNDS, COLOURS, SHAPES, Scene, caption, parse_caption
+from sdhelpers.drawing import NEW_SHAPE_CORNERS
 from sdhelpers.images import tensor_to_pil
 
 BORDER = 2

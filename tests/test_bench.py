@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sdhelpers import bench, bench_report
+from sdhelpers import bench, bench_measure, bench_report
 from sdhelpers.gpu import PRESETS
 from sdhelpers.models import ModelUnavailableError, load_pipeline
 
@@ -31,7 +31,7 @@ def test_result_rows_have_every_field(doc):
     assert doc["hardware"].startswith("CPU") and doc["versions"]["diffusers"]
     assert [row["preset"] for row in doc["results"]] == list(PRESETS)
     for row in doc["results"]:
-        assert set(row) == set(bench.RESULT_FIELDS)
+        assert set(row) == set(bench_measure.RESULT_FIELDS)
 
 
 def test_default_is_measured_with_ratio_one(doc):
@@ -52,10 +52,10 @@ def test_gpu_presets_are_not_applicable_on_the_cpu(doc):
 
 
 def test_ratios_are_against_default():
-    rows = [dict.fromkeys(bench.RESULT_FIELDS) | {"model": "m", "preset": p, "status": "ok", "it_per_s": s,
+    rows = [dict.fromkeys(bench_measure.RESULT_FIELDS) | {"model": "m", "preset": p, "status": "ok", "it_per_s": s,
                                                    "peak_allocated_gib": g, "peak_reserved_gib": g}
             for p, s, g in (("default", 10.0, 4.0), ("fast", 25.0, 3.0))]
-    bench.add_ratios(rows)
+    bench_measure.add_ratios(rows)
     assert rows[1]["ratio_vs_default"] == {"it_per_s": 2.5, "peak_memory": 0.75}
 
 
@@ -95,9 +95,9 @@ def test_out_of_memory_becomes_a_status_with_advice(monkeypatch, tiny_loaders):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory.")
 
-    monkeypatch.setattr(bench, "_call", oom)
-    settings = bench.BenchSettings(size=16, steps=2, repeats=1)
-    row = bench.measure_preset(tiny_loaders["tinysd"], "tinysd", "default", settings)
+    monkeypatch.setattr(bench_measure, "_call", oom)
+    settings = bench_measure.BenchSettings(size=16, steps=2, repeats=1)
+    row = bench_measure.measure_preset(tiny_loaders["tinysd"], "tinysd", "default", settings)
     assert row["status"].startswith("oom: ") and "low-memory" in row["status"]
 
 
@@ -105,14 +105,14 @@ def test_any_other_failure_is_a_status_not_a_crash(monkeypatch, tiny_loaders):
     def broken(*args, **kwargs):
         raise RuntimeError("compiler exploded\nlong details")
 
-    monkeypatch.setattr(bench, "_call", broken)
-    settings = bench.BenchSettings(size=16, steps=2, repeats=1)
-    row = bench.measure_preset(tiny_loaders["tinysd"], "tinysd", "default", settings)
+    monkeypatch.setattr(bench_measure, "_call", broken)
+    settings = bench_measure.BenchSettings(size=16, steps=2, repeats=1)
+    row = bench_measure.measure_preset(tiny_loaders["tinysd"], "tinysd", "default", settings)
     assert row["status"] == "error: RuntimeError: compiler exploded"
 
 
 def test_step_clock_counts_intervals():
-    clock = bench.StepClock(torch.device("cpu"))
+    clock = bench_measure.StepClock(torch.device("cpu"))
     assert clock.iterations_per_second() is None
     clock.times = [10.0, 10.5, 11.0, 12.0]  # 3 intervals in 2 seconds
     assert clock.iterations_per_second() == 1.5

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny_random_pipeline
 
-from sdhelpers import gpu
+from sdhelpers import gpu, preset_checks
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_unknown_names_and_arguments():
 
 def test_model_offload_with_an_accelerator(pipe, monkeypatch):
     # Offload to the CPU itself: the real accelerate hooks run, the values can't change.
-    monkeypatch.setattr(gpu, "_can_offload", lambda device: True)
+    monkeypatch.setattr(preset_checks, "_can_offload", lambda device: True)
     before = generate(pipe)
     report = gpu.apply_preset(pipe, "low-memory", device="cpu", dtype=torch.float32)
     assert hasattr(pipe.unet, "_hf_hook") and pipe.vae.use_slicing and pipe.vae.use_tiling
@@ -145,7 +145,7 @@ def test_model_offload_with_an_accelerator(pipe, monkeypatch):
 def test_sequential_offload_is_undone(pipe, monkeypatch):
     # accelerate can't run sequential offload with the CPU as execution device, so this checks the
     # hooks and the restore only: the weights leave for the meta device and come back intact.
-    monkeypatch.setattr(gpu, "_can_offload", lambda device: True)
+    monkeypatch.setattr(preset_checks, "_can_offload", lambda device: True)
     before = generate(pipe)
     report = gpu.apply_preset(pipe, "lowest-memory", device="cpu", dtype=torch.float32)
     assert any("enable_sequential_cpu_offload" in change for change in report.changes)
@@ -158,7 +158,7 @@ def test_sequential_offload_is_undone(pipe, monkeypatch):
 def test_compile_is_applied_and_undone(pipe, monkeypatch):
     from diffusers.utils.torch_utils import is_compiled_module
 
-    monkeypatch.setattr(gpu, "_can_compile", lambda device: True)
+    monkeypatch.setattr(preset_checks, "_can_compile", lambda device: True)
     report = gpu.apply_preset(pipe, "fast", device="cpu", dtype=torch.float32)  # torch.compile is lazy
     assert is_compiled_module(pipe.unet)
     assert "torch.compile(unet, mode='reduce-overhead', fullgraph=True)" in report.changes[-1]
