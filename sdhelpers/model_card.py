@@ -75,7 +75,8 @@ def _unet_objective(training: dict[str, Any]) -> str:
                      "SD's 1, so that every timestep keeps more of the picture")
     if refine:
         parts.append(f"Then the refine stage trains that UNet on for {refine['steps']:,} steps (as SD 1.5 went on "
-                     "from SD 1.2 to improve classifier-free guidance), with SD's loss on every item")
+                     "from SD 1.2 to improve classifier-free guidance), with SD's loss"
+                     + ("" if refine.get("guidance_calibration") else " on every item"))
     if report.get("open_captions"):
         parts.append(f"{100 * report['open_captions']:.0f}% of {'its' if refine else 'the'} captions leave the "
                      "colour, the shape or the background unsaid")
@@ -89,6 +90,17 @@ def _unet_objective(training: dict[str, Any]) -> str:
             f", where the noised latent already fixes the picture, the prediction with the empty prompt{other} is "
             f"pulled towards the one with the true caption, weight {report['branch_consistency']:g} "
             f"(`sdhelpers.objectives.{loss}`)")
+    if report.get("guidance_calibration"):
+        scale, full = report["guidance_calibration"], report.get("calibration_full_below")
+        below = report.get("consistency_below_timestep", 400)
+        where = f"below timestep {below}"
+        if full:
+            where = f"below timestep {full}, and a share rising to all of it at {below}"
+        parts.append(
+            f"and {where}, where the noised latent already fixes the picture, the prompted branch is taught "
+            f"to move 1/{scale:g} of the way from the empty prompt's prediction towards SD's target, so that "
+            f"guidance {scale:g} gives that target back there: limited-interval guidance learnt by the model "
+            "(`sdhelpers.objectives.calibrated_diffusion_loss`)")
     return "; ".join(parts) + (". " if parts else "")
 
 

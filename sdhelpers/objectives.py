@@ -6,7 +6,9 @@ teaches and the code that trained the shipped model.
 
 - :class:`VAEObjective`: the autoencoder's reconstruction + KL loss (:func:`vae_loss`);
 - :class:`ContrastiveCLIP`: a mini CLIP whose forward is the symmetric InfoNCE loss;
-- :func:`diffusion_loss`: SD's UNet objective, MSE between the true and the predicted noise.
+- :func:`diffusion_loss`: SD's UNet objective, MSE between the true and the predicted noise;
+  :func:`calibrated_diffusion_loss`, :func:`consistent_diffusion_loss` and
+  :func:`extra_pass_consistency_loss`: that objective changed so that a small model holds at guidance 7.5.
 
 The first two are modules whose ``forward`` returns the loss, so that Accelerate can wrap them
 for several processes (DDP synchronises gradients through the wrapped module's forward); the
@@ -212,3 +214,54 @@ def extra_pass_consistency_loss(unet: nn.Module, noise_scheduler, latents: torch
     target = model_pred[taught].detach()
     pull = F.mse_loss(pulled.float(), target.float(), reduction="sum") / model_pred[0].numel()
     return loss + weight * pull / latents.shape[0]
+
+
+def calibration_share(timesteps: torch.Tensor, scale: float, below_timestep: int,
+                      full_below: int | None = None) -> torch.Tensor:
+    """Per timestep, the share ``m`` of the way from the empty prediction that the prompted branch is taught.
+
+    ``1/scale`` below ``full_below``, 1 (SD's own target) from ``below_timestep`` up, and a linear
+    ramp between them; ``full_below=None`` means a step at ``below_timestep``. Guidance ``g`` then
+    acts as ``g·m``: the full ``g`` at high noise, ``g/scale`` where the picture is fixed.
+    """
+    full_below = below_timestep if full_below is None else full_below
+    t = timesteps.float()
+    ramp = ((t - full_below) / max(below_timestep - full_below, 1)).clamp(0, 1)
+    share = 1 / scale + (1 - 1 / scale) * ramp
+    return torch.where(t >= below_timestep, torch.ones_like(t), share)
+
+
+def calibrated_diffusion_loss(unet: nn.Module, noise_scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
+                              empty_embedding: torch.Tensor, dropped: torch.Tensor, generator: torch.Generator,
+                              scale: float, below_timestep: int, full_below: int | None = None) -> torch.Tensor:
+    """SD's loss, with the prompted branch at low noise calibrated so that guidance ``scale`` gives back SD's target.
+
+    Classifier-free guidance returns ``e∅ + s·(e_c − e∅)``. Where the noise is low, the latent
+    already fixes most of the picture and the difference ``e_c − e∅`` is small, so a small model's
+    errors in it are all that guidance multiplies. Here, below ``below_timestep``, an item that kept
+    its caption is taught ``e∅ + m·(ε − e∅)`` instead of ``ε``, with ``e∅`` the UNet's own
+    empty-prompt prediction held fixed (no gradient) and ``m`` from :func:`calibration_share`
+    (``1/scale`` where the picture is fixed): the prompted branch moves only ``m`` of the way from
+    the empty one, and guidance at ``scale`` multiplies it back, to the prediction that SD's loss
+    teaches. The item's loss is weighted by ``1/m``, so the small step is learnt as firmly as a
+    full one. Guidance ``s`` then acts as ``s`` at high noise and as ``s·m`` below
+    ``below_timestep``: limited-interval guidance (Kynkäänniemi et al., 2024) learnt by the model,
+    with the stock pipeline unchanged. Because ``e∅`` comes from the same network, the errors the
+    two branches share cancel in their difference instead of being multiplied. Dropped captions
+    (the empty branch) and the items at higher noise keep SD's loss; ``scale=1`` gives exactly
+    :func:`diffusion_loss` (same draws).
+    """
+    noisy_latents, noise, timesteps = noised(noise_scheduler, latents, generator)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings).sample.float()
+    target = noise.float().clone()
+    share = calibration_share(timesteps, scale, below_timestep, full_below)
+    calibrated = (share < 1) & ~dropped.to(timesteps.device)
+    weight = torch.where(calibrated, 1 / share, torch.ones_like(share))
+    if bool(calibrated.any()):
+        empty = empty_embedding.to(text_embeddings).expand(int(calibrated.sum()), -1, -1)
+        with torch.no_grad():
+            e_empty = unet(noisy_latents[calibrated], timesteps[calibrated], encoder_hidden_states=empty).sample.float()
+        m = share[calibrated].view(-1, *[1] * (target.dim() - 1))
+        target[calibrated] = e_empty + m * (target[calibrated] - e_empty)
+    per_item = (model_pred - target).pow(2).mean(dim=tuple(range(1, model_pred.dim())))
+    return (weight * per_item).sum() / len(timesteps)

@@ -20,7 +20,12 @@ from sdhelpers.architectures import build_unet
 from sdhelpers.export import FINAL_FOLDER, save_component
 from sdhelpers.latents import LatentCache, cached_posteriors, compute_scaling_factor, fingerprint
 from sdhelpers.models import load_tokenizer
-from sdhelpers.objectives import consistent_diffusion_loss, diffusion_loss, extra_pass_consistency_loss
+from sdhelpers.objectives import (
+    calibrated_diffusion_loss,
+    consistent_diffusion_loss,
+    diffusion_loss,
+    extra_pass_consistency_loss,
+)
 from sdhelpers.recipe import TINYSD_RECIPE, Recipe
 from sdhelpers.stages import (
     Stage,
@@ -78,7 +83,9 @@ def train_refine(work, vae: nn.Module, text_encoder: nn.Module, unet: nn.Module,
     SD 1.5 was itself SD 1.2 trained on, with text dropped for classifier-free guidance. Here the
     UNet stage's model goes on with SD's loss on captions of which some leave an attribute unsaid
     (``recipe.open_captions``), plus :func:`~sdhelpers.objectives.extra_pass_consistency_loss`'s
-    pull of the empty-prompt and other-caption predictions towards the prompted one at low noise.
+    pull of the empty-prompt and other-caption predictions towards the prompted one at low noise;
+    or, with ``recipe.guidance_calibration``, :func:`~sdhelpers.objectives.calibrated_diffusion_loss`,
+    which teaches the prompted branch a step that guidance at that scale gives back.
     ``vae`` must carry the UNet stage's scaling factor (the work folder's ``unet/vae``).
     """
     stage = prepare_stage("refine", work, recipe, seed, steps, batch_size)
@@ -99,7 +106,8 @@ def train_refine(work, vae: nn.Module, text_encoder: nn.Module, unet: nn.Module,
 def _pull_settings(recipe: Recipe) -> dict[str, Any]:
     return {"open_captions": recipe.open_captions, "branch_consistency": recipe.branch_consistency,
             "consistency_below_timestep": recipe.consistency_below_timestep,
-            "consistency_swaps": recipe.consistency_swaps}
+            "consistency_swaps": recipe.consistency_swaps, "guidance_calibration": recipe.guidance_calibration,
+            "calibration_full_below": recipe.calibration_full_below}
 
 
 def _latent_cache(stage: Stage, vae: nn.Module, text_encoder: nn.Module, dataset: Any, progress: bool, *,
@@ -126,13 +134,17 @@ def _unet_batch_loss(stage: Stage, cache: LatentCache, noise_scheduler) -> Calla
 
     def batch_loss(unet: nn.Module, step: int) -> torch.Tensor:
         generator = stage.generator(step)
-        if stage.name != recipe.pull_stage or not recipe.branch_consistency:
+        if stage.name != recipe.pull_stage or not (recipe.branch_consistency or recipe.guidance_calibration):
             latents, text = cache.sample(stage.local_batch, generator, recipe.caption_dropout)
             return diffusion_loss(unet, noise_scheduler, latents.to(device), text.to(device), generator)
         latents, text, captions, dropped = cache.sample(stage.local_batch, generator, recipe.caption_dropout,
                                                         with_captions=True)
-        settings = (recipe.branch_consistency, recipe.consistency_below_timestep, recipe.consistency_swaps)
         latents, text, captions = latents.to(device), text.to(device), captions.to(device)
+        if recipe.guidance_calibration:
+            return calibrated_diffusion_loss(unet, noise_scheduler, latents, text, empty, dropped, generator,
+                                             recipe.guidance_calibration, recipe.consistency_below_timestep,
+                                             recipe.calibration_full_below)
+        settings = (recipe.branch_consistency, recipe.consistency_below_timestep, recipe.consistency_swaps)
         if stage.name == "unet":
             return consistent_diffusion_loss(unet, noise_scheduler, latents, text, captions, dropped, generator,
                                              *settings)

@@ -265,6 +265,48 @@ def test_consistent_loss_is_sd_loss_plus_a_pull_on_the_dropped_items(parts, cach
 
 
 
+def test_calibrated_loss_teaches_a_step_of_one_over_the_scale_from_the_empty_branch(parts, cached):
+    from sdhelpers.objectives import calibrated_diffusion_loss, noised
+
+    *_, scheduler = parts
+    unet = _unet()
+    latents, text, _, dropped = cached.sample(6, torch.Generator().manual_seed(4), 0.5, with_captions=True)
+    empty = cached.embeddings[cached.empty_id][None]
+    assert bool(dropped.any()) and not bool(dropped.all())
+    plain = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(5))
+    args = (unet, scheduler, latents, text, empty, dropped)
+    assert torch.allclose(calibrated_diffusion_loss(*args, torch.Generator().manual_seed(5), 1.0, 1000), plain)
+    assert torch.allclose(calibrated_diffusion_loss(*args, torch.Generator().manual_seed(5), 7.5, 0), plain)
+    all_dropped = (*args[:-1], torch.ones_like(dropped))
+    assert torch.allclose(calibrated_diffusion_loss(*all_dropped, torch.Generator().manual_seed(5), 7.5, 1000), plain)
+    with torch.no_grad():
+        noisy, noise, timesteps = noised(scheduler, latents, torch.Generator().manual_seed(5))
+        pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        e_empty = unet(noisy, timesteps, encoder_hidden_states=empty.expand_as(text)).sample
+        kept = (~dropped)[:, None, None, None]
+        target = torch.where(kept, e_empty + (noise - e_empty) / 7.5, noise)
+        weight = torch.where(~dropped, 7.5, 1.0)
+        by_hand = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        calibrated = calibrated_diffusion_loss(*args, torch.Generator().manual_seed(5), 7.5, 1000)
+        assert torch.allclose(calibrated, by_hand, rtol=1e-5) and not torch.allclose(calibrated, plain)
+        # what the loss teaches is what guidance at 7.5 turns back into SD's target
+        guided = e_empty + 7.5 * (target - e_empty)
+        assert torch.allclose(guided[~dropped], noise[~dropped], atol=1e-5)
+
+
+def test_calibration_share_is_one_over_the_scale_where_the_picture_is_fixed_and_one_above():
+    from sdhelpers.objectives import calibration_share
+
+    t = torch.tensor([0, 299, 300, 450, 599, 600, 999])
+    step = calibration_share(t, 7.5, 600)
+    assert torch.allclose(step, torch.tensor([1 / 7.5] * 5 + [1.0, 1.0]))
+    ramp = calibration_share(t, 7.5, 600, full_below=300)
+    half_way = 1 / 7.5 + (1 - 1 / 7.5) * 0.5
+    expected = torch.tensor([1 / 7.5, 1 / 7.5, 1 / 7.5, half_way, 1 / 7.5 + (1 - 1 / 7.5) * 299 / 300, 1.0, 1.0])
+    assert torch.allclose(ramp, expected)
+    assert torch.equal(calibration_share(t, 1.0, 600), torch.ones(len(t)))
+
+
 def test_extra_pass_loss_is_sd_loss_whole_plus_a_pull_of_the_other_branches(parts, cached):
     from sdhelpers.objectives import extra_pass_consistency_loss, noised
 

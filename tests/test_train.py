@@ -207,6 +207,32 @@ def test_refine_trains_on_from_the_given_unet_with_the_pull(tmp_path, monkeypatc
     assert (tmp_path / "refine" / "final" / "config.json").is_file()
 
 
+def test_refine_with_guidance_calibration_uses_the_calibrated_loss(tmp_path, monkeypatch):
+    import dataclasses
+
+    from sdhelpers import objectives, unet_stages
+
+    recipe = dataclasses.replace(SMOKE, branch_consistency=0.0, guidance_calibration=7.5)
+    scales = []
+    real = objectives.calibrated_diffusion_loss
+    monkeypatch.setattr(unet_stages, "calibrated_diffusion_loss", lambda *a, **k: scales.append(a[7]) or real(*a, **k))
+    monkeypatch.setattr(unet_stages, "extra_pass_consistency_loss", None)  # must not be called
+    result = train.train_refine(tmp_path, *_fresh_parts(), _unet_to_refine(), recipe=recipe,
+                                dataset=ShapesDataset(8, seed=3), progress=False)
+    assert result.finished and scales == [7.5] * SMOKE.refine.steps
+    report = json.loads((tmp_path / "refine" / "report.json").read_text())
+    assert report["guidance_calibration"] == 7.5 and report["branch_consistency"] == 0.0
+
+
+def test_the_calibrated_preset_is_the_first_recipe_then_a_calibrated_refine_stage():
+    from sdhelpers.recipe import CALIBRATED_RECIPE, PRESETS, TINYSD1_RECIPE
+
+    assert PRESETS["calibrated"] is CALIBRATED_RECIPE and CALIBRATED_RECIPE.pull_stage == "refine"
+    assert CALIBRATED_RECIPE.unet == TINYSD1_RECIPE.unet and CALIBRATED_RECIPE.caption_dropout == 0.1
+    assert (CALIBRATED_RECIPE.guidance_calibration, CALIBRATED_RECIPE.consistency_below_timestep) == (7.5, 600)
+    assert CALIBRATED_RECIPE.open_captions == CALIBRATED_RECIPE.branch_consistency == 0
+
+
 def test_a_recipe_without_a_refine_stage_refuses_one(tmp_path):
     from sdhelpers.recipe import TINYSD1_RECIPE
 
