@@ -139,6 +139,20 @@ def class_prompts(colours: Sequence[str] = tuple(COLOURS), backgrounds: Sequence
     return [open_caption(colour=c, background=b) for c in colours for b in backgrounds if c != b]
 
 
+REPLAY_COUNT = 64
+REPLAY_SEED = 12_345
+"""The old-world captions replayed beside the examples: drawn apart from the drift test's (seed 0)."""
+
+
+def replay_prompts(count: int = REPLAY_COUNT, seed: int = REPLAY_SEED) -> list[str]:
+    """Captions of the world the model was trained on, ``"a red circle on a blue background"``.
+
+    Their pictures, drawn by the untouched model, are the regularisation images of a LoRA that
+    should keep the old world: prior preservation over every old prompt rather than one class.
+    """
+    return adherence_prompts("train", count, seed)
+
+
 def class_drift(pipe: Any, prompts: Sequence[str] | None = None, *, seed: int = 0,
                      **generate_kwargs: Any) -> float:
     """The share of class-prompt images the judge reads as the concept: the class word's drift.

@@ -8,7 +8,8 @@ another fresh pipeline with the stock call (``load_textual_inversion`` or ``load
 
 - **textual inversion**: ``<cross>``'s embedding (:mod:`sdhelpers.textual_inversion`);
 - **LoRA**: adapters on the UNet, captions naming the shape "cross" (:mod:`sdhelpers.lora`), on
-  attention alone as diffusers' scripts place them, and where this UNet draws shapes;
+  attention alone as diffusers' scripts place them, and where this UNet draws shapes; and the
+  latter with regularisation images, the model's own pictures of old-world captions;
 - **DreamBooth-LoRA** with prior preservation, and without it: "sks shape", with the model's own
   class pictures beside the examples, or not.
 
@@ -33,7 +34,7 @@ from sdhelpers.lora import LORA_FILE, LORA_TARGETS, class_images, load_lora, sav
 from sdhelpers.textual_inversion import save_textual_inversion, train_textual_inversion
 
 SHIPPED = Path(__file__).resolve().parent / "tinysd_cross"
-"""The shipped files: the learnt ``<cross>`` embedding, three LoRA folders and ``results.json``."""
+"""The shipped files: the learnt ``<cross>`` embedding, one LoRA folder per other method and ``results.json``."""
 
 TI_FILE = "learned_embeds.safetensors"
 TOKEN = "<cross>"
@@ -42,14 +43,19 @@ DREAMBOOTH_WORD = "sks shape"
 
 @dataclass(frozen=True)
 class Method:
-    """One fine-tune: how its captions name the concept, its file, and its training settings."""
+    """One fine-tune: how its captions name the concept, its file, and its training settings.
+
+    ``prior`` names the model's own pictures trained beside the examples: ``"class"`` for
+    DreamBooth's class prompts (:func:`sdhelpers.concepts.class_prompts`), ``"world"`` for
+    old-world captions (:func:`sdhelpers.concepts.replay_prompts`), ``""`` for none.
+    """
 
     name: str
     word: str
     path: str
     steps: int
     learning_rate: float
-    prior: bool = False
+    prior: str = ""
     targets: tuple[str, ...] = ()
 
 
@@ -66,10 +72,15 @@ METHODS: tuple[Method, ...] = (
     Method("textual inversion", TOKEN, TI_FILE, 1000, 5e-3),
     Method("LoRA, attention only", "cross", "lora_attention", 800, 3e-3, targets=ATTENTION_TARGETS),
     Method("LoRA", "cross", "lora", 800, 3e-3, targets=SHAPE_TARGETS),
-    Method("DreamBooth-LoRA, prior preservation", DREAMBOOTH_WORD, "dreambooth", 800, 3e-3, prior=True,
+    Method("LoRA, old world replayed", "cross", "lora_replay", 800, 3e-3, prior="world", targets=SHAPE_TARGETS),
+    Method("DreamBooth-LoRA, prior preservation", DREAMBOOTH_WORD, "dreambooth", 800, 3e-3, prior="class",
            targets=SHAPE_TARGETS),
     Method("DreamBooth-LoRA, no prior", DREAMBOOTH_WORD, "dreambooth_no_prior", 800, 3e-3, targets=SHAPE_TARGETS),
 )
+
+
+PRIOR_PROMPTS = {"class": concepts.class_prompts, "world": concepts.replay_prompts}
+"""What each :attr:`Method.prior` draws with the untouched model before training."""
 
 
 def load_method(pipe: Any, method: Method, folder: str | Path = SHIPPED) -> Any:
@@ -95,8 +106,8 @@ def train_method(pipe: Any, method: Method, examples: concepts.ConceptExamples, 
         return result
     prior: dict[str, Any] = {}
     if method.prior:
-        class_prompts = concepts.class_prompts()
-        prior = {"prior_images": class_images(pipe, class_prompts), "prior_prompts": class_prompts}
+        prior_prompts = PRIOR_PROMPTS[method.prior]()
+        prior = {"prior_images": class_images(pipe, prior_prompts), "prior_prompts": prior_prompts}
     result = train_lora(pipe, list(examples.images), prompts, rank=LORA_RANK, targets=method.targets,
                         steps=method.steps, learning_rate=method.learning_rate, seed=seed, method=method.name, **prior)
     save_lora(pipe, out / method.path)

@@ -63,6 +63,14 @@ def test_results_json_describes_the_shipped_files():
     assert RESULTS["methods"]["textual inversion"]["trainable_parameters"] == 64
 
 
+def test_each_prior_is_drawn_from_its_own_prompts():
+    assert set(teach.PRIOR_PROMPTS) == {m.prior for m in teach.METHODS if m.prior}
+    replayed = concepts.replay_prompts()
+    assert len(replayed) == concepts.REPLAY_COUNT and all(" shape " not in p for p in replayed)
+    assert replayed != concepts.adherence_prompts("train", concepts.REPLAY_COUNT, 0)  # not the drift test's
+    assert all(" shape " in p for p in concepts.class_prompts())
+
+
 def test_the_table_and_the_targets_come_from_the_results():
     rows = teach.results_table(RESULTS)
     assert [row["method"] for row in rows] == [m.name for m in teach.METHODS]
@@ -72,9 +80,13 @@ def test_the_table_and_the_targets_come_from_the_results():
     assert len(report) == 4 and all(isinstance(met, bool) for _, _, met in report)
 
 
-@pytest.mark.parametrize("name", ["textual inversion", "DreamBooth-LoRA, prior preservation"])
-def test_train_method_writes_a_file_that_load_method_reads(name, tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("name", ["textual inversion", "LoRA, old world replayed",
+                                  "DreamBooth-LoRA, prior preservation"])
+def test_train_method_writes_a_file_that_load_method_reads(name, tiny_pipeline_dir, tmp_path, monkeypatch):
     method = replace(METHODS[name], steps=1)
+    # two prior pictures instead of dozens: the same code path, in seconds
+    monkeypatch.setitem(teach.PRIOR_PROMPTS, "world", lambda: concepts.replay_prompts(2))
+    monkeypatch.setitem(teach.PRIOR_PROMPTS, "class", lambda: concepts.class_prompts()[:2])
     examples = concepts.example_set(count=2)
     pipe = load_pipeline(tiny_pipeline_dir, device="cpu")
     result = teach.train_method(pipe, method, examples, tmp_path)
