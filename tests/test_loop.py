@@ -265,15 +265,21 @@ def test_consistent_loss_is_sd_loss_plus_a_pull_on_the_dropped_items(parts, cach
 
 
 
+def _half_dropped_batch(scheduler, cached):
+    """A fresh UNet, six cached items with some captions dropped and some kept, and SD's loss on them."""
+    unet = _unet()
+    latents, text, captions, dropped = cached.sample(6, torch.Generator().manual_seed(4), 0.5, with_captions=True)
+    empty = cached.embeddings[cached.empty_id][None]
+    assert bool(dropped.any()) and not bool(dropped.all())
+    plain = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(5))
+    return unet, latents, text, captions, empty, dropped, plain
+
+
 def test_calibrated_loss_teaches_a_step_of_one_over_the_scale_from_the_empty_branch(parts, cached):
     from sdhelpers.objectives import calibrated_diffusion_loss, noised
 
     *_, scheduler = parts
-    unet = _unet()
-    latents, text, _, dropped = cached.sample(6, torch.Generator().manual_seed(4), 0.5, with_captions=True)
-    empty = cached.embeddings[cached.empty_id][None]
-    assert bool(dropped.any()) and not bool(dropped.all())
-    plain = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(5))
+    unet, latents, text, _, empty, dropped, plain = _half_dropped_batch(scheduler, cached)
     args = (unet, scheduler, latents, text, empty, dropped)
     assert torch.allclose(calibrated_diffusion_loss(*args, torch.Generator().manual_seed(5), 1.0, 1000), plain)
     assert torch.allclose(calibrated_diffusion_loss(*args, torch.Generator().manual_seed(5), 7.5, 0), plain)
@@ -311,11 +317,7 @@ def test_extra_pass_loss_is_sd_loss_whole_plus_a_pull_of_the_other_branches(part
     from sdhelpers.objectives import extra_pass_consistency_loss, noised
 
     *_, scheduler = parts
-    unet = _unet()
-    latents, text, captions, dropped = cached.sample(6, torch.Generator().manual_seed(4), 0.5, with_captions=True)
-    empty = cached.embeddings[cached.empty_id][None]
-    assert bool(dropped.any()) and not bool(dropped.all())
-    plain = diffusion_loss(unet, scheduler, latents, text, torch.Generator().manual_seed(5))
+    unet, latents, text, captions, empty, dropped, plain = _half_dropped_batch(scheduler, cached)
     args = (unet, scheduler, latents, text, captions, empty, dropped)
     assert torch.equal(extra_pass_consistency_loss(*args, torch.Generator().manual_seed(5), 0.0, 1000), plain)
     assert torch.equal(extra_pass_consistency_loss(*args, torch.Generator().manual_seed(5), 1.0, 0), plain)
