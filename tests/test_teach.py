@@ -63,6 +63,17 @@ def test_results_json_describes_the_shipped_files():
     assert RESULTS["methods"]["textual inversion"]["trainable_parameters"] == 64
 
 
+def test_results_json_was_made_with_the_methods_settings():
+    """A changed method must be re-run (``make teach``) before the chapter quotes its figures."""
+    for method in teach.METHODS:
+        entry = RESULTS["methods"][method.name]
+        recorded = (entry["word"], entry["file"], entry["steps"], entry["learning_rate"],
+                    entry["prior"], tuple(entry["targets"]))
+        assert recorded == (method.word, method.path, method.steps, method.learning_rate,
+                            method.prior, method.targets), method.name
+    assert RESULTS["settings"]["lora_rank"] == teach.LORA_RANK
+
+
 def test_each_prior_is_drawn_from_its_own_prompts():
     assert set(teach.PRIOR_PROMPTS) == {m.prior for m in teach.METHODS if m.prior}
     replayed = concepts.replay_prompts()
