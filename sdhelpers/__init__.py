@@ -19,7 +19,8 @@ Pictures and prompts:
 
 - ``sdhelpers.images``: grids with labels, enlargements, differences, PSNR; ``sdhelpers.masks``: inpainting masks.
 - ``sdhelpers.pixels``, ``latent_views``, ``sketches``: conversions, latent viewers and sketches, re-exported by ``sdhelpers.images``.
-- ``sdhelpers.data``: the synthetic shapes world TinySD is trained on (drawn by ``sdhelpers.drawing``).
+- ``sdhelpers.data``: the synthetic shapes world TinySD is trained on (drawn by ``sdhelpers.drawing``);
+  ``sdhelpers.shapes_dataset``: it as a PyTorch dataset of image–caption pairs.
 - ``sdhelpers.judge``: a pixel-level judge of prompt adherence.
 - ``sdhelpers.evaluate``: the networks' metrics and grading a pipeline (``python -m sdhelpers.evaluate``).
 - ``sdhelpers.targets``: the quality bar TinySD is held to, read from what was measured.
