@@ -45,7 +45,8 @@ Training:
 - ``sdhelpers.finetune``: decoder-only VAE fine-tuning, the sd-vae-ft-mse recipe.
 - ``sdhelpers.train``: the three stages and ``python -m sdhelpers.train``; ``sdhelpers.export``: the
   pipeline folder it writes; ``sdhelpers.checkpoint``: atomic safetensors files.
-- ``sdhelpers.model_card``: TinySD's model card, rendered from measured figures.
+- ``sdhelpers.model_card``: TinySD's model card, rendered from measured figures; ``sdhelpers.levers``: its table of
+  the recipe variants measured.
 
 Importing the package itself is cheap: it loads no deep-learning library.
 """

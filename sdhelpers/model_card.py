@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdhelpers.checkpoint import atomic_write_bytes
+from sdhelpers.levers import levers_section, read_levers
 from sdhelpers.targets import quality_table
 
 REBUILD_COMMANDS = (
@@ -149,42 +150,6 @@ drawn: {shares(negative['colours_without'])}. With the negative prompt "{negativ
 """
 
 
-LEVERS_FILE = "levers.json"
-"""Measured recipe variants (the model card's notes), kept beside the weights when there are any."""
-
-
-def _levers_section(levers: list[dict[str, Any]]) -> str:
-    """How the recipe was chosen: each variant's branch gap and adherence at guidance 7.5, as measured."""
-    if not levers:
-        return ""
-    rows = ["| variant | UNet steps | gap at t = 200 | colour / shape / both at 7.5 | held-out both at 7.5 | "
-            "held-out both at guidance 1 / at 7.5 only for t ≥ 600 | both at guidance 2 / 12 | "
-            "colours of an open prompt / stated right under the negative |", "|---|---|---|---|---|---|---|---|"]
-    for lever in levers:
-        train, held = lever["train_7.5"], lever["held_out_7.5"]
-        rows.append(f"| {lever['name']} | {lever['unet_steps']} | {lever['gap_200']:.3f} | "
-                    f"{_percent(train, ('colour', 'shape', 'both')).replace(' | ', ' / ')} (n = {train['n']}) | "
-                    f"{100 * held['both']:.1f}% (n = {held['n']}) | {_prompted_alone(lever)} | {_sweep_ends(lever)} | "
-                    f"{lever.get('open_colours', '—')} / {_share(lever.get('negative_stated_right'))} |")
-    return "\n## How the recipe was chosen\n\n" + levers[0].get("how", "") + "\n\n" + "\n".join(rows) + "\n"
-
-
-def _share(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.0f}%"
-
-
-def _prompted_alone(lever: dict[str, Any]) -> str:
-    """Held-out adherence where the empty branch does not act at low noise: guidance 1, and guidance
-    only while t ≥ 600 (``sdhelpers.guidance.interval_guidance``); "—" where not measured."""
-    interval = lever.get("interval_600", {}).get("held_out_7.5", {})
-    return " / ".join(_share(part.get("both")) for part in (lever.get("held_out_1", {}), interval))
-
-
-def _sweep_ends(lever: dict[str, Any]) -> str:
-    """Both right at guidance 2 and 12, where a variant was measured there ("—" where not)."""
-    return " / ".join(_share(lever.get(f"guidance_{scale}", {}).get("both")) for scale in (2, 12))
-
-
 def _sweep_figure(quality: dict[str, Any]) -> str:
     if not quality.get("sweep_plot"):
         return ""
@@ -293,7 +258,7 @@ background {100 * train['background']:.1f}%, all three {100 * train['all']:.1f}%
 colour {100 * held['colour']:.1f}%, shape {100 * held['shape']:.1f}%, both {100 * held['both']:.1f}%.
 Speed measured on {quality['hardware']} ({quality['threads']} threads), batch 1, median of
 {quality['speed_repeats']} runs after a warm-up.
-{_extended_sections(quality)}{_sweep_figure(quality)}{_levers_section(levers or [])}
+{_extended_sections(quality)}{_sweep_figure(quality)}{levers_section(levers or [])}
 ## Limits
 
 - Compositions held out of training (an orange circle, a green triangle, a purple square) come out
@@ -320,7 +285,7 @@ def write_model_card(folder: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"folder: {folder.name} lacks {', '.join(missing)}; train and evaluate it first")
     training = json.loads((folder / "training.json").read_text())
     quality = json.loads((folder / "quality.json").read_text())
-    levers = json.loads((folder / LEVERS_FILE).read_text()) if (folder / LEVERS_FILE).is_file() else None
+    levers = read_levers(folder)
     path = folder / "README.md"
     atomic_write_bytes(path, render_model_card(training, quality, levers).encode())
     return path
