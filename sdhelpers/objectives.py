@@ -5,7 +5,8 @@ tests share these losses, and an objective written once cannot drift between the
 teaches and the code that trained the shipped model.
 
 - :class:`VAEObjective`: the autoencoder's reconstruction + KL loss (:func:`vae_loss`);
-- :class:`ContrastiveCLIP`: a mini CLIP whose forward is the symmetric InfoNCE loss;
+- :class:`ContrastiveCLIP`: a mini CLIP whose forward is the symmetric InfoNCE loss (and, as a
+  measured lever, :func:`context_invariance`);
 - :func:`diffusion_loss`: SD's UNet objective, MSE between the true and the predicted noise;
   :func:`calibrated_diffusion_loss`, :func:`consistent_diffusion_loss` and
   :func:`extra_pass_consistency_loss`: that objective changed so that a small model holds at guidance 7.5.
@@ -94,8 +95,10 @@ class ContrastiveCLIP(nn.Module):
     caption (``caption_ids``), which removes that noise.
     """
 
-    def __init__(self, text_config: dict[str, Any], image_tower_config: dict[str, Any]) -> None:
+    def __init__(self, text_config: dict[str, Any], image_tower_config: dict[str, Any],
+                 invariance_weight: float = 0.0) -> None:
         super().__init__()
+        self.invariance_weight = float(invariance_weight)
         self.text_model = build_text_encoder(text_config)
         embed_dim = int(image_tower_config["embed_dim"])
         self.image_model = TinyImageTower(tuple(image_tower_config["channels"]), embed_dim)
@@ -110,12 +113,38 @@ class ContrastiveCLIP(nn.Module):
         return F.normalize(self.image_model(pixel_values), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
-        text = self.embed_text(input_ids)
+        output = self.text_model(input_ids=input_ids)
+        text = F.normalize(self.text_projection(output.pooler_output), dim=-1)
         image = self.embed_images(pixel_values)
         logits = self.logit_scale.exp().clamp(max=100) * text @ image.T
         same = (caption_ids[:, None] == caption_ids[None, :]).float()
         targets = same / same.sum(dim=1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        if self.invariance_weight:
+            eos = self.text_model.config.eos_token_id
+            loss = loss + self.invariance_weight * context_invariance(output.last_hidden_state, input_ids, eos)
+        return loss
+
+
+def context_invariance(hidden: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """How much a word's state varies with the caption around it: a share of the states' variance.
+
+    A causal text encoder mixes each word's state with the words before it, so "circle" after
+    "orange" is another vector than after "red", and a colour×shape pair never trained is a state
+    the UNet never saw. Positions are grouped by (token, place); the term is the mean squared
+    distance of each state from its group's mean, over the total variance of the states. The
+    first end token is left out: it is the pooled output, which must sum the caption up. 0 when
+    every word's state, and every padding position's, is the same whatever the caption.
+    """
+    places = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    first_end = (input_ids == eos_token_id).int().argmax(dim=-1, keepdim=True)
+    kept = (input_ids != eos_token_id) | (places > first_end)
+    keys = (input_ids.long() * input_ids.shape[1] + places)[kept]
+    states = hidden[kept].float()
+    _, group, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), states.shape[1], device=states.device).index_add_(0, group, states)
+    deviation = ((states - (sums / counts[:, None])[group]) ** 2).sum(dim=-1).mean()
+    return deviation / (states.var(dim=0).sum().detach() + 1e-6)
 
 
 def noised(noise_scheduler, latents: torch.Tensor, generator: torch.Generator):

@@ -87,6 +87,8 @@ class Recipe:
     # consistency_below_timestep (objectives.calibrated_diffusion_loss); 0: no calibration.
     guidance_calibration: float = 0.0
     calibration_full_below: int | None = None  # full calibration below this timestep, a ramp up to the one above
+    # Weight of the CLIP stage's context-invariance term (objectives.context_invariance); 0: CLIP's loss alone.
+    text_invariance: float = 0.0
     eval_images: int = 256  # images per split for the end-of-stage VAE PSNR and CLIP accuracy
     noise_scheduler_config: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(TINYSD_NOISE_SCHEDULER_CONFIG)

@@ -113,7 +113,7 @@ def latent_shape_of(vae: nn.Module, image_size: int = 64) -> tuple[int, int, int
 
 def build_clip(recipe: Recipe = TINYSD_RECIPE) -> ContrastiveCLIP:
     """An untrained :class:`~sdhelpers.objectives.ContrastiveCLIP` with the recipe's configs."""
-    return ContrastiveCLIP(recipe.text_config, recipe.image_tower_config)
+    return ContrastiveCLIP(recipe.text_config, recipe.image_tower_config, recipe.text_invariance)
 
 
 def train_clip(work, *, recipe: Recipe = TINYSD_RECIPE, seed: int = 0, steps: int | None = None,
@@ -146,7 +146,8 @@ def train_clip(work, *, recipe: Recipe = TINYSD_RECIPE, seed: int = 0, steps: in
         save_component(clip.text_model, stage.folder / FINAL_FOLDER)
         accuracy = {split: round(clip_accuracy(clip, tokens, count=recipe.eval_images, seed=stage.seed,
                                                split=split), 3) for split in ("train", "held_out")}
-        write_report(stage, result, caption_accuracy=accuracy)
+        extra = {"text_invariance": recipe.text_invariance} if recipe.text_invariance else {}
+        write_report(stage, result, caption_accuracy=accuracy, **extra)
     return result
 
 

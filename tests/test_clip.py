@@ -112,3 +112,39 @@ def test_untrained_clip_gives_valid_names_and_bad_input_is_refused(smoke_clip):
         similarity_matrix(smoke_clip, images, "a red circle on a blue background")
     with pytest.raises(ValueError, match="^count"):
         zero_shot_accuracy(smoke_clip, count=0)
+
+
+def _tokens(captions):
+    tokenizer = load_tokenizer()
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def test_context_invariance_is_zero_when_no_word_sees_another_and_large_otherwise():
+    from dataclasses import replace
+
+    from sdhelpers.objectives import context_invariance
+
+    captions = world_captions()[:40]
+    ids = _tokens(captions)
+    torch.manual_seed(0)
+    clip = build_clip(SMOKE_RECIPE).eval()
+    eos = clip.text_model.config.eos_token_id
+    with torch.no_grad():
+        mixed = context_invariance(clip.text_model(input_ids=ids).last_hidden_state, ids, eos)
+        for layer in clip.text_model.encoder.layers:  # no attention output: each state is its word and place
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+        alone = context_invariance(clip.text_model(input_ids=ids).last_hidden_state, ids, eos)
+    assert float(alone) < 1e-6 < 0.05 < float(mixed) < 1.0
+    # the recipe's weight reaches the stage's objective, which adds exactly the weighted term
+    weighted = build_clip(replace(SMOKE_RECIPE, text_invariance=2.0))
+    assert weighted.invariance_weight == 2.0 and build_clip(SMOKE_RECIPE).invariance_weight == 0.0
+    images = torch.zeros(len(captions), 3, 64, 64)
+    caption_ids = torch.arange(len(captions))
+    with torch.no_grad():
+        total = weighted(ids, images, caption_ids)
+        weighted.invariance_weight = 0.0
+        plain = weighted(ids, images, caption_ids)
+        term = context_invariance(weighted.text_model(input_ids=ids).last_hidden_state, ids, eos)
+    assert torch.allclose(total, plain + 2.0 * term, atol=1e-5)
