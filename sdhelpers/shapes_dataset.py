@@ -1,7 +1,7 @@
 """The shapes world as a PyTorch dataset: image–caption pairs drawn on demand from a seed.
 
 :mod:`sdhelpers.data` holds the world's rules (scenes, captions, splits); this module serves them
-to a training loop in the shape fine-tuning scripts expect. ``sdhelpers.data.ShapesDataset`` is
+to a training loop in the form fine-tuning scripts expect. ``sdhelpers.data.ShapesDataset`` is
 the same class, the name the chapters use.
 """
 
