@@ -114,19 +114,14 @@ def test_untrained_clip_gives_valid_names_and_bad_input_is_refused(smoke_clip):
         zero_shot_accuracy(smoke_clip, count=0)
 
 
-def _tokens(captions):
-    tokenizer = load_tokenizer()
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
-
-
 def test_context_invariance_is_zero_when_no_word_sees_another_and_large_otherwise():
     from dataclasses import replace
 
+    from sdhelpers.models import tokenize
     from sdhelpers.objectives import context_invariance
 
     captions = world_captions()[:40]
-    ids = _tokens(captions)
+    ids = tokenize(load_tokenizer(), captions)
     torch.manual_seed(0)
     clip = build_clip(SMOKE_RECIPE).eval()
     eos = clip.text_model.config.eos_token_id
