@@ -294,4 +294,14 @@ def make_image(seed: int, split: str = "train") -> Image.Image:
     return render(sample_scene(np.random.default_rng(seed), split))
 
 
-from sdhelpers.shapes_dataset import ShapesDataset  # noqa: E402, F401  (defined there; the chapters import it from here)
+def __getattr__(name: str):
+    """``sdhelpers.data.ShapesDataset``, the name the chapters use, resolved on first use.
+
+    The class lives in :mod:`sdhelpers.shapes_dataset`, which imports this module; importing it
+    lazily here lets either module be imported first.
+    """
+    if name == "ShapesDataset":
+        from sdhelpers.shapes_dataset import ShapesDataset
+
+        return ShapesDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
