@@ -25,7 +25,8 @@ print(len(names), "modules")
 
 def test_every_module_imports_when_it_is_the_first_one_imported():
     # A reader's script may start with any module; a circular import shows only when the module
-    # that closes the circle comes first, so each is imported into an interpreter with no sdhelpers.
+    # that closes the circle comes first, so each is imported after every sdhelpers module has been
+    # dropped from sys.modules (in a child interpreter, leaving this one's modules alone).
     done = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST], capture_output=True, text=True,
                           timeout=300, check=True)
     lines = done.stdout.strip().splitlines()
