@@ -11,6 +11,9 @@ late steps push the latent around: at SD's 7.5 the colours flip from step to ste
 - :func:`interval_guidance` is limited-interval guidance (Kynkäänniemi et al., 2024): full guidance
   only while the noise is high, the conditional prediction alone after that, through diffusers'
   ``callback_on_step_end``, so the stock pipeline runs it.
+- :func:`empty_prompt_below` shows what the low-noise steps draw when they ignore the prompt, the
+  behaviour a small gap asks of them there: the empty prompt's branch has learnt the training
+  distribution, so it repaints what that distribution lacks, such as a held-out colour×shape pair.
 """
 
 from __future__ import annotations
@@ -88,6 +91,33 @@ def interval_guidance(pipe: Any, from_timestep: float = 600.0):
         if pipeline.guidance_scale > 1 and following is not None and float(following) < from_timestep:
             pipeline._guidance_scale = 1.0
             tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[-1]
+        return tensors
+
+    return callback
+
+
+def empty_prompt_below(pipe: Any, below_timestep: float = 200.0):
+    """A ``callback_on_step_end`` that swaps the prompt for the empty prompt below ``below_timestep``.
+
+    Pass it with ``callback_on_step_end_tensor_inputs=["prompt_embeds"]``. From the first step whose
+    next timestep is below the threshold, every half of the embeddings becomes the empty prompt's,
+    so the remaining steps denoise without the prompt (at any guidance scale)::
+
+        pipe(prompt, guidance_scale=1.0, callback_on_step_end=empty_prompt_below(pipe, 200),
+             callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+    Compare training and held-out compositions with and without it: whatever the late steps change
+    on the held-out ones is what the model's unprompted prior puts in their place.
+    """
+    checks.positive_number(below_timestep, "below_timestep", example="200")
+    empty = pipe.encode_prompt([""], pipe._execution_device, 1, False)[0]
+
+    def callback(pipeline, index: int, t, tensors: dict[str, Any]) -> dict[str, Any]:
+        schedule = pipeline.scheduler.timesteps  # this call's schedule, whatever its step count
+        following = schedule[index + 1] if index + 1 < len(schedule) else None
+        if following is not None and float(following) < below_timestep:
+            embeds = tensors["prompt_embeds"]
+            tensors["prompt_embeds"] = empty.to(embeds).expand_as(embeds)
         return tensors
 
     return callback

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sdhelpers.guidance import branch_gap, interval_guidance
+from sdhelpers.guidance import branch_gap, empty_prompt_below, interval_guidance
 from sdhelpers.models import load_pipeline
 
 
@@ -68,3 +68,29 @@ def test_one_interval_callback_serves_calls_of_any_step_count(pipe):
     callback = interval_guidance(pipe, from_timestep=500)
     run(3, callback)
     assert (run(8, callback) == run(8, interval_guidance(pipe, from_timestep=500))).all()
+
+
+def test_empty_prompt_below_denoises_the_late_steps_without_the_prompt(pipe):
+    empty = pipe.encode_prompt([""], "cpu", 1, False)[0]
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    try:
+        def run(below, guidance):
+            seen.clear()
+            return pipe("a red circle on a blue background", num_inference_steps=4, guidance_scale=guidance,
+                        height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="np",
+                        callback_on_step_end=empty_prompt_below(pipe, below),
+                        callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+
+        plain = run(1e-3, 1.0)
+        assert not any(torch.equal(states, empty) for states in seen)
+        late = run(1e6, 1.0)
+        assert not torch.equal(seen[0], empty) and all(torch.equal(states, empty) for states in seen[1:])
+        assert not (late == plain).all()
+        run(1e6, 7.5)  # guided: both halves become the empty prompt's
+        assert seen[1].shape[0] == 2 and all(torch.equal(half[None], empty) for half in seen[1])
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="below_timestep"):
+        empty_prompt_below(pipe, below_timestep=-1)
