@@ -229,8 +229,8 @@ SMOKE_RECIPE = Recipe(
 )
 """A recipe small enough to run the whole pipeline, all four stages, in seconds: for tests and a first try."""
 
-PRESETS = {"tinysd": TINYSD_RECIPE, "refine": REFINE_RECIPE, "calibrated": CALIBRATED_RECIPE,
-           "smoke": SMOKE_RECIPE}
+PRESETS = {"tinysd": TINYSD_RECIPE, "tinysd1": TINYSD1_RECIPE, "refine": REFINE_RECIPE,
+           "calibrated": CALIBRATED_RECIPE, "smoke": SMOKE_RECIPE}
 
 
 def check_settings(settings: StageSettings, num_processes: int = 1) -> StageSettings:

@@ -193,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="decides the data, the initial weights and every draw")
     parser.add_argument("--resume", action="store_true", help="continue from the stage checkpoints in the work folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tinysd",
-                        help="'tinysd' is the shipped model; 'smoke' a seconds-long run of tiny networks")
+                        help="'tinysd' is the shipped model; 'tinysd1' the first TinySD (SD's plain loss); "
+                             "'smoke' a seconds-long run of tiny networks")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

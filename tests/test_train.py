@@ -233,6 +233,16 @@ def test_the_calibrated_preset_is_the_first_recipe_then_a_calibrated_refine_stag
     assert CALIBRATED_RECIPE.open_captions == CALIBRATED_RECIPE.branch_consistency == 0
 
 
+def test_the_first_recipe_is_a_preset_with_sds_plain_loss():
+    from sdhelpers.recipe import PRESETS, TINYSD1_RECIPE, TINYSD_RECIPE
+
+    assert PRESETS["tinysd1"] is TINYSD1_RECIPE and train._parser().parse_args(
+        ["all", "--out", "x", "--preset", "tinysd1"]).preset == "tinysd1"
+    assert TINYSD1_RECIPE.caption_dropout == 0.1 and TINYSD1_RECIPE.refine is None
+    assert TINYSD1_RECIPE.open_captions == TINYSD1_RECIPE.branch_consistency == TINYSD1_RECIPE.guidance_calibration == 0
+    assert (TINYSD1_RECIPE.vae, TINYSD1_RECIPE.clip) == (TINYSD_RECIPE.vae, TINYSD_RECIPE.clip)  # shared stages
+
+
 def test_a_recipe_without_a_refine_stage_refuses_one(tmp_path):
     from sdhelpers.recipe import TINYSD1_RECIPE
 
