@@ -72,6 +72,12 @@ def branch_gap(pipe: Any, timesteps: Sequence[int] = GAP_TIMESTEPS, count: int =
     return report
 
 
+def _next_step_below(pipeline: Any, index: int, threshold: float) -> bool:
+    """Whether the step after ``index`` in this call's schedule (whatever its step count) is below ``threshold``."""
+    schedule = pipeline.scheduler.timesteps
+    return index + 1 < len(schedule) and float(schedule[index + 1]) < threshold
+
+
 def interval_guidance(pipe: Any, from_timestep: float = 600.0):
     """A ``callback_on_step_end`` that turns guidance off once the timestep falls below ``from_timestep``.
 
@@ -86,9 +92,7 @@ def interval_guidance(pipe: Any, from_timestep: float = 600.0):
     checks.positive_number(from_timestep, "from_timestep", example="600")
 
     def callback(pipeline, index: int, t, tensors: dict[str, Any]) -> dict[str, Any]:
-        schedule = pipeline.scheduler.timesteps  # this call's schedule, whatever its step count
-        following = schedule[index + 1] if index + 1 < len(schedule) else None
-        if pipeline.guidance_scale > 1 and following is not None and float(following) < from_timestep:
+        if pipeline.guidance_scale > 1 and _next_step_below(pipeline, index, from_timestep):
             pipeline._guidance_scale = 1.0
             tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[-1]
         return tensors
@@ -113,9 +117,7 @@ def empty_prompt_below(pipe: Any, below_timestep: float = 200.0):
     empty = pipe.encode_prompt([""], pipe._execution_device, 1, False)[0]
 
     def callback(pipeline, index: int, t, tensors: dict[str, Any]) -> dict[str, Any]:
-        schedule = pipeline.scheduler.timesteps  # this call's schedule, whatever its step count
-        following = schedule[index + 1] if index + 1 < len(schedule) else None
-        if following is not None and float(following) < below_timestep:
+        if _next_step_below(pipeline, index, below_timestep):
             embeds = tensors["prompt_embeds"]
             tensors["prompt_embeds"] = empty.to(embeds).expand_as(embeds)
         return tensors
